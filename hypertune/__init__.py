@@ -1,0 +1,43 @@
+"""hypertune: tune regularization hyperparameters online, inside one training run.
+
+Wrap a model, swap its optimizer, keep the loop::
+
+    model = hypertune.HyperModel.wrap(model, hparams={"dropout": hypertune.DropoutRate()})
+    opt = hypertune.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01))
+"""
+
+from .context import Perturbation, hparam
+from .errors import (
+    HyperTuneError,
+    NonFiniteLossError,
+    PerturbationError,
+    SpecError,
+    StateDictError,
+    WrapError,
+)
+from .hyperparameters import HyperParameters
+from .model import HyperModel
+from .optim import DeltaSTNOptimizer, StepResult
+from .specs import DropoutRate, HParam, InputDropout, WeightDecay
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HyperModel",
+    "DeltaSTNOptimizer",
+    "StepResult",
+    "HParam",
+    "DropoutRate",
+    "InputDropout",
+    "WeightDecay",
+    "HyperParameters",
+    "Perturbation",
+    "hparam",
+    "HyperTuneError",
+    "SpecError",
+    "WrapError",
+    "PerturbationError",
+    "NonFiniteLossError",
+    "StateDictError",
+    "__version__",
+]

@@ -1,0 +1,40 @@
+"""Errors raised by hypertune.
+
+Every error says what is wrong and what to do about it, so a user never has to read the
+library's source to recover.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class HyperTuneError(Exception):
+    """Base class: catch this to catch anything hypertune refuses."""
+
+
+class SpecError(HyperTuneError, ValueError):
+    """A hyperparameter spec that cannot describe a valid search space."""
+
+
+class WrapError(HyperTuneError, ValueError):
+    """A model that cannot be wrapped as asked; lists every problem at once."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(
+            f"HyperModel.wrap found {len(self.problems)} problem(s); the model was not changed:\n{lines}"
+        )
+
+
+class PerturbationError(HyperTuneError, RuntimeError):
+    """A hyper-layer saw a batch that does not match the perturbation it was given."""
+
+
+class NonFiniteLossError(HyperTuneError, FloatingPointError):
+    """A step produced a NaN/inf loss or gradient and was refused before any update."""
+
+
+class StateDictError(HyperTuneError, ValueError):
+    """A state dict from another layout, mode or model."""

@@ -1,0 +1,25 @@
+"""nn.Linear as a centered hyper-layer."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import HyperLayer, row_view
+
+
+class HyperLinear(HyperLayer, nn.Linear):
+    base_class = nn.Linear
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def response(self, x: Tensor, s_w: Tensor, s_b: Tensor | None) -> Tensor:
+        batched = x.dim() >= 2
+        where = f"HyperLinear '{self.hyper_path}'"
+        out = F.linear(x, self.response_weight) * row_view(
+            s_w, x.dim(), -1, batched, x.shape[0], where
+        )
+        if s_b is not None and self.response_bias is not None:
+            out = out + row_view(s_b, x.dim(), -1, batched, x.shape[0], where) * self.response_bias
+        return out

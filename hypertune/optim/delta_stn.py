@@ -1,0 +1,460 @@
+"""DeltaSTNOptimizer: online hyperparameter tuning behind an ordinary optimizer's interface.
+
+One ``train_step`` = a w₀ step with the user's optimizer on the unperturbed training loss, then
+a Θ step on the perturbed loss with w₀ held fixed. One ``val_step`` = a λ/σ step on the
+validation loss minus τ·entropy with regularizers off. Modes (Bae & Grosse 2020, MacKay et al.
+2019): ``delta`` (centered + linearized Θ step, the default), ``centered`` (no linearization) and
+``stn`` (uncentered: all weights trained jointly on the perturbed loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..context import Perturbation
+from ..errors import HyperTuneError, NonFiniteLossError, StateDictError
+from ..linearize import linearized_call
+from ..model import HyperModel
+
+Mode = Literal["delta", "centered", "stn"]
+NonFinite = Literal["raise", "skip"]
+LossFn = Callable[[Any, Any], Tensor]
+_FORMAT = "hypertune.DeltaSTNOptimizer"
+_VERSION = 1
+
+
+@dataclass
+class StepResult:
+    """What a step did. Losses are Python floats; ``hparams`` are the values after the step."""
+
+    loss: float
+    hparams: dict[str, float]
+    response_loss: float | None = None
+    skipped: bool = False
+    updated: bool = True
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _no_grad_for(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Hold parameters fixed so no graph is built through them."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Batch-norm layers use batch statistics but leave running statistics to the w₀ pass."""
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training
+    ]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+@contextmanager
+def _mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Put the model in train/eval mode for a step; a model already there is left as the user set it."""
+    if module.training == training:
+        yield
+        return
+    flags = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple):
+        return inputs, {}
+    return (inputs,), {}
+
+
+def _resolve(model: nn.Module) -> HyperModel:
+    if isinstance(model, HyperModel):
+        return model
+    inner = getattr(model, "module", None)
+    if isinstance(inner, HyperModel):
+        return inner
+    raise HyperTuneError(
+        f"DeltaSTNOptimizer needs a HyperModel (or DDP around one), got {type(model).__name__}: "
+        "wrap the model first with hypertune.HyperModel.wrap(model, hparams=...)"
+    )
+
+
+class DeltaSTNOptimizer:
+    """Tunes a HyperModel's hyperparameters while ``optimizer`` trains its weights.
+
+    Args:
+        model: the HyperModel (or a DistributedDataParallel around it).
+        optimizer: any torch.optim optimizer over the model's weights. If it was built from
+            ``model.parameters()`` the hyper-state and Θ are moved out of it into their own
+            optimizers; every trainable weight of the model must be in it.
+        mode: ``"delta"`` (default), ``"centered"`` or ``"stn"``.
+        response_optimizer: optimizer over Θ; default: the same class and settings as
+            ``optimizer`` without weight decay (Θ estimates a Jacobian; shrinking it biases it),
+            its learning rate following ``optimizer``'s schedule.
+        hyper_optimizer: optimizer over λ and σ; default RMSprop(lr=hyper_lr) as in the paper.
+        entropy_weight: τ, the weight of the perturbation entropy bonus.
+        tune_scales: tune σ (with the entropy bonus); if False, λ steps are unperturbed.
+        warmup_steps: train steps before val_step starts moving λ.
+        nonfinite: ``"raise"`` a NonFiniteLossError or ``"skip"`` (and count) a step whose loss
+            or gradients are not finite; either way nothing is written.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        mode: Mode = "delta",
+        response_optimizer: torch.optim.Optimizer | None = None,
+        hyper_optimizer: torch.optim.Optimizer | None = None,
+        hyper_lr: float = 1e-2,
+        entropy_weight: float = 1e-3,
+        tune_scales: bool = True,
+        warmup_steps: int = 0,
+        nonfinite: NonFinite = "raise",
+    ) -> None:
+        if mode not in ("delta", "centered", "stn"):
+            raise HyperTuneError(f"mode={mode!r}: choose 'delta' (default), 'centered' or 'stn'")
+        if nonfinite not in ("raise", "skip"):
+            raise HyperTuneError(f"nonfinite={nonfinite!r}: choose 'raise' or 'skip'")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise HyperTuneError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise HyperTuneError(
+                "LBFGS needs a closure that re-evaluates the loss, which train_step cannot give it: "
+                "use a first-order optimizer such as SGD or Adam"
+            )
+        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+            raise HyperTuneError(f"warmup_steps={warmup_steps!r} must be a non-negative int")
+        if not entropy_weight >= 0:
+            raise HyperTuneError(f"entropy_weight={entropy_weight!r} must be >= 0")
+        self.model = model
+        self.hyper_model = hm = _resolve(model)
+        self.mode: Mode = mode
+        self.entropy_weight = float(entropy_weight)
+        self.tune_scales = tune_scales
+        self.warmup_steps = warmup_steps
+        self.nonfinite: NonFinite = nonfinite
+
+        self._base_params = hm.base_parameters()
+        self._response_params = hm.response_parameters()
+        self._hyper_params = hm.hyper_parameters()
+        self._take_over(optimizer)
+        self.optimizer = optimizer
+
+        if response_optimizer is None:
+            response_optimizer = self._clone_for_response(optimizer)
+        self.response_optimizer = response_optimizer
+        if hyper_optimizer is None:
+            groups: list[dict[str, Any]] = [{"params": [hm.hparams.unconstrained]}]
+            if tune_scales:
+                groups.append({"params": [hm.hparams.raw_scale]})
+            hyper_optimizer = torch.optim.RMSprop(groups, lr=hyper_lr)
+        self.hyper_optimizer = hyper_optimizer
+        self._lr_reference = (
+            float(optimizer.param_groups[0]["lr"]),
+            [float(g["lr"]) for g in response_optimizer.param_groups],
+        )
+        hm.centered = mode != "stn"
+        self.train_steps = 0
+        self.val_steps = 0
+        self.skipped_steps = 0
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def _take_over(self, optimizer: torch.optim.Optimizer) -> None:
+        """Check the user's optimizer covers w₀ exactly; move Θ/λ/σ out of it."""
+        base = {id(p) for p in self._base_params}
+        special = {id(p) for p in self._response_params} | {id(p) for p in self._hyper_params}
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        foreign = [p for p in held if id(p) not in base and id(p) not in special]
+        if foreign:
+            shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:5])
+            raise HyperTuneError(
+                f"the optimizer holds {len(foreign)} parameter(s) the wrapped model does not own "
+                f"(shapes {shapes}): build it after HyperModel.wrap, from the wrapped model's "
+                "parameters (model.parameters() or model.base_parameters())"
+            )
+        held_ids = {id(p) for p in held}
+        names = {id(p): n for n, p in self.hyper_model.named_parameters()}
+        missing = [names.get(id(p), "?") for p in self._base_params if p.requires_grad and id(p) not in held_ids]
+        if missing:
+            raise HyperTuneError(
+                f"{len(missing)} trainable parameter(s) of the model are in no optimizer and would "
+                f"never train: {missing[:8]}; build the optimizer from model.parameters() "
+                "(or freeze them with requires_grad_(False))"
+            )
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in special]
+        for p in [p for p in held if id(p) in special]:
+            optimizer.state.pop(p, None)
+
+    def _clone_for_response(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        settings = dict(optimizer.defaults)
+        settings["lr"] = optimizer.param_groups[0]["lr"]
+        if "weight_decay" in settings:
+            settings["weight_decay"] = 0.0
+        try:
+            return type(optimizer)(self._response_params, **settings)
+        except (TypeError, ValueError) as err:
+            raise HyperTuneError(
+                f"could not build a {type(optimizer).__name__} for the response parameters ({err}); "
+                "pass response_optimizer=... built over model.response_parameters()"
+            ) from err
+
+    def _follow_lr(self) -> None:
+        """Scale Θ's learning rates with the user's schedule on their optimizer."""
+        base0, resp0 = self._lr_reference
+        if base0 == 0:
+            return
+        ratio = float(self.optimizer.param_groups[0]["lr"]) / base0
+        for group, lr0 in zip(self.response_optimizer.param_groups, resp0):
+            group["lr"] = lr0 * ratio
+
+    # ---- the guarded update ----------------------------------------------------------------
+    def _update(self, loss: Tensor, params: Sequence[nn.Parameter], optimizers: Sequence[torch.optim.Optimizer], what: str) -> bool:
+        """Backward, refuse non-finite loss or gradients, step. True if the step was taken."""
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        ok = torch.isfinite(loss.detach())
+        if grads:
+            norms = torch._foreach_norm(grads, float("inf"))
+            ok = ok & torch.isfinite(torch.stack(norms)).all()
+        if not bool(ok):
+            for p in params:
+                p.grad = None
+            if self.nonfinite == "skip":
+                self.skipped_steps += 1
+                return False
+            raise NonFiniteLossError(
+                f"the {what} produced a non-finite loss or gradient (loss={loss.item()}); the step was "
+                "refused and no weights, Θ, λ or σ were changed. Lower the learning rate, check the "
+                "batch, or pass nonfinite='skip' to skip and count such steps"
+            )
+        for opt in optimizers:
+            opt.step()
+        for p in params:
+            p.grad = None
+        return True
+
+    def _zero_grad(self) -> None:
+        for p in (*self._base_params, *self._response_params, *self._hyper_params):
+            p.grad = None
+
+    def _objective(self, out: Any, target: Any, loss_fn: LossFn, point: Perturbation) -> tuple[Tensor, Tensor]:
+        data_loss = loss_fn(out, target)
+        if not torch.is_tensor(data_loss) or data_loss.dim() != 0:
+            raise HyperTuneError(
+                "loss_fn must return a scalar tensor (use reduction='mean'), got "
+                f"{type(data_loss).__name__}{tuple(data_loss.shape) if torch.is_tensor(data_loss) else ''}"
+            )
+        penalty = self.hyper_model.training_penalty(point)
+        total = data_loss if penalty is None else data_loss + penalty.mean()
+        return data_loss, total
+
+    # ---- steps -----------------------------------------------------------------------------
+    def train_step(self, inputs: Any, target: Any, loss_fn: LossFn) -> StepResult:
+        """One w₀ step and one Θ step on a training batch (one joint step in ``stn`` mode).
+
+        ``inputs`` is what the model is called with: a tensor, a tuple of positional arguments
+        or a dict of keyword arguments.
+        """
+        hm = self.hyper_model
+        args, kwargs = _split_inputs(inputs)
+        rows = hm.batch_rows(args, kwargs)
+        self._zero_grad()
+        with _mode(self.model, True):
+            if self.mode == "stn":
+                loss, taken = self._stn_step(args, kwargs, target, loss_fn, rows)
+                response_loss = None
+            else:
+                loss, taken = self._base_step(args, kwargs, target, loss_fn)
+                response_loss, taken_r = self._response_step(args, kwargs, target, loss_fn, rows)
+                taken = taken and taken_r
+        self.train_steps += 1
+        return StepResult(
+            loss=loss, response_loss=response_loss, hparams=hm.hparam_values(), skipped=not taken
+        )
+
+    def _base_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, loss_fn: LossFn) -> tuple[float, bool]:
+        hm = self.hyper_model
+        point = hm.current_point()
+        with _no_grad_for(self._response_params + self._hyper_params), hm.evaluated_at(point):
+            out = self.model(*args, **kwargs)
+            data_loss, total = self._objective(out, target, loss_fn, point)
+            taken = self._update(total, self._base_params, [self.optimizer], "w₀ step")
+        return float(data_loss.detach()), taken
+
+    def _perturbed_point(self, rows: int, linearize: bool) -> Perturbation:
+        hp = self.hyper_model.hparams
+        with torch.no_grad():
+            eps = hp.sample_noise(rows)
+            lam = hp.unconstrained.detach().unsqueeze(0)
+        response_input = eps if self.hyper_model.centered else lam + eps
+        return Perturbation(hp, lam + eps, response_input, linearize=linearize)
+
+    def _response_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, loss_fn: LossFn, rows: int) -> tuple[float, bool]:
+        hm = self.hyper_model
+        point = self._perturbed_point(rows, linearize=self.mode == "delta")
+        self._follow_lr()
+        with (
+            _no_grad_for(self._base_params + self._hyper_params),
+            _running_stats_frozen(hm),
+            hm.evaluated_at(point),
+        ):
+            if point.linearize:
+                out = linearized_call(lambda: self.model(*args, **kwargs))
+            else:
+                out = self.model(*args, **kwargs)
+            data_loss, total = self._objective(out, target, loss_fn, point)
+            taken = self._update(total, self._response_params, [self.response_optimizer], "Θ step")
+        return float(data_loss.detach()), taken
+
+    def _stn_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, loss_fn: LossFn, rows: int) -> tuple[float, bool]:
+        hm = self.hyper_model
+        point = self._perturbed_point(rows, linearize=False)
+        self._follow_lr()
+        with _no_grad_for(self._hyper_params), hm.evaluated_at(point):
+            out = self.model(*args, **kwargs)
+            data_loss, total = self._objective(out, target, loss_fn, point)
+            taken = self._update(
+                total,
+                self._base_params + self._response_params,
+                [self.optimizer, self.response_optimizer],
+                "STN step",
+            )
+        return float(data_loss.detach()), taken
+
+    def val_step(self, inputs: Any, target: Any, loss_fn: LossFn) -> StepResult:
+        """One λ (and σ) step on a validation batch, regularizers off (eval mode).
+
+        As in the reference code, the λ step evaluates the response w₀ + Θ(λ+ε-λ₀) exactly (no
+        linearization) in every centered mode. During warm-up it only reports the loss.
+        """
+        hm = self.hyper_model
+        args, kwargs = _split_inputs(inputs)
+        rows = hm.batch_rows(args, kwargs)
+        hp = hm.hparams
+        self._zero_grad()
+        with _mode(self.model, False), _no_grad_for(self._base_params + self._response_params):
+            if self.train_steps < self.warmup_steps:
+                with torch.no_grad():
+                    out = self.model(*args, **kwargs)
+                    loss = loss_fn(out, target)
+                return StepResult(loss=float(loss), hparams=hm.hparam_values(), updated=False)
+            lam = hp.unconstrained
+            if self.tune_scales:
+                eps = hp.sample_noise(rows)
+            else:
+                eps = torch.zeros(1, len(hp), dtype=lam.dtype, device=lam.device)
+            perturbed = lam.unsqueeze(0) + eps
+            response_input = perturbed - lam.detach() if hm.centered else perturbed
+            point = Perturbation(hp, perturbed.detach(), response_input)
+            with hm.evaluated_at(point):
+                out = self.model(*args, **kwargs)
+            loss = loss_fn(out, target)
+            objective = loss - self.entropy_weight * hp.entropy() if self.tune_scales else loss
+            taken = self._update(objective, self._hyper_params, [self.hyper_optimizer], "λ step")
+        self.val_steps += 1
+        return StepResult(loss=float(loss.detach()), hparams=hm.hparam_values(), skipped=not taken)
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        hp = self.hyper_model.hparams
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "mode": self.mode,
+            "hparam_names": list(hp.names),
+            "optimizer": self.optimizer.state_dict(),
+            "response_optimizer": self.response_optimizer.state_dict(),
+            "hyper_optimizer": self.hyper_optimizer.state_dict(),
+            "hparams": {
+                "unconstrained": hp.unconstrained.detach().clone(),
+                "raw_scale": hp.raw_scale.detach().clone(),
+            },
+            "counters": {
+                "train_steps": self.train_steps,
+                "val_steps": self.val_steps,
+                "skipped_steps": self.skipped_steps,
+            },
+            "lr_reference": [self._lr_reference[0], list(self._lr_reference[1])],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore everything ``state_dict`` saved; refuses another layout, mode or model whole."""
+        hp = self.hyper_model.hparams
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+            raise StateDictError("not a DeltaSTNOptimizer state dict (missing format tag)")
+        if state.get("version") != _VERSION:
+            raise StateDictError(
+                f"state dict version {state.get('version')} is not supported (this hypertune writes {_VERSION})"
+            )
+        if state.get("mode") != self.mode:
+            raise StateDictError(
+                f"state dict was saved in mode {state.get('mode')!r} but this optimizer runs {self.mode!r}"
+            )
+        if list(state.get("hparam_names", [])) != hp.names:
+            raise StateDictError(
+                f"state dict tunes {state.get('hparam_names')} but this model tunes {hp.names}"
+            )
+        saved = state["hparams"]
+        for key, param in (("unconstrained", hp.unconstrained), ("raw_scale", hp.raw_scale)):
+            if tuple(saved[key].shape) != tuple(param.shape):
+                raise StateDictError(f"hparams.{key} has shape {tuple(saved[key].shape)}, expected {tuple(param.shape)}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.response_optimizer.load_state_dict(state["response_optimizer"])
+        self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
+        with torch.no_grad():
+            hp.unconstrained.copy_(saved["unconstrained"])
+            hp.raw_scale.copy_(saved["raw_scale"])
+        counters = state["counters"]
+        self.train_steps = int(counters["train_steps"])
+        self.val_steps = int(counters["val_steps"])
+        self.skipped_steps = int(counters["skipped_steps"])
+        base0, resp0 = state["lr_reference"]
+        self._lr_reference = (float(base0), [float(v) for v in resp0])
+
+    # ---- conveniences ------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """For loops that call it out of habit: steps already leave every gradient cleared."""
+        self._zero_grad()
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The user's optimizer's groups, so LR schedulers and loggers that read them still work."""
+        return self.optimizer.param_groups
+
+    def hparams(self) -> dict[str, float]:
+        return self.hyper_model.hparam_values()
+
+    def scales(self) -> dict[str, float]:
+        return self.hyper_model.hparams.scales()

@@ -1,0 +1,191 @@
+"""Search-space specs: what a hyperparameter is, where it acts, and the scale it is tuned on.
+
+Specs are immutable and validated on construction, so a bad search space fails at the line
+that wrote it, with a one-line reason, before any model is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from torch import nn
+
+from .errors import SpecError
+from .transforms import Transform, transform_for
+
+Perturb = Literal["example", "batch"]
+# A module selector: a name pattern (fnmatch, matched against the module's path) or a module type.
+Target = Union[str, type[nn.Module]]
+
+
+def _as_targets(targets: Target | Sequence[Target] | None) -> tuple[Target, ...] | None:
+    if targets is None:
+        return None
+    if isinstance(targets, (str, type)):
+        return (targets,)
+    out = tuple(targets)
+    for t in out:
+        if not isinstance(t, (str, type)):
+            raise SpecError(
+                f"targets must be module-path patterns (str) or module types, got {t!r}"
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class HParam:
+    """A generic tuned value in ``(low, high)``, readable by any module via :func:`hypertune.hparam`.
+
+    ``init_scale`` is the initial perturbation std on the unconstrained scale (σ₀ in the papers).
+    ``perturb="batch"`` shares one draw across the batch: needed when a consumer cannot act per
+    example, or when layers see reshaped batches.
+    """
+
+    init: float
+    low: float = -math.inf
+    high: float = math.inf
+    init_scale: float = 1.0
+    discrete: bool = False
+    perturb: Perturb = "example"
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        kind = type(self).__name__
+        for label in ("init", "low", "high", "init_scale"):
+            value = getattr(self, label)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise SpecError(f"{kind}: {label} must be a number, got {value!r}")
+            if math.isnan(value):
+                raise SpecError(f"{kind}: {label} is NaN; give a real number")
+        if not math.isfinite(self.init):
+            raise SpecError(f"{kind}: init={self.init} is not finite; give a finite starting value")
+        if self.low >= self.high:
+            raise SpecError(f"{kind}: low={self.low} must be below high={self.high}")
+        if not (self.low < self.init < self.high):
+            raise SpecError(
+                f"{kind}: init={self.init} must lie strictly inside (low={self.low}, high={self.high}); "
+                "the tuning scale is open at the bounds"
+            )
+        if not (math.isfinite(self.init_scale) and self.init_scale > 0):
+            raise SpecError(f"{kind}: init_scale={self.init_scale} must be a positive finite std")
+        if self.perturb not in ("example", "batch"):
+            raise SpecError(f"{kind}: perturb={self.perturb!r} must be 'example' or 'batch'")
+        if self.log and not (self.low > 0 and math.isfinite(self.high)):
+            raise SpecError(
+                f"{kind}: log=True needs finite bounds with low > 0, got ({self.low}, {self.high})"
+            )
+        if self.discrete and not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise SpecError(f"{kind}: a discrete hyperparameter needs finite low and high bounds")
+
+    @property
+    def transform(self) -> Transform:
+        return transform_for(float(self.low), float(self.high), self.log)
+
+    def unconstrained_init(self) -> float:
+        return self.transform.inverse(float(self.init))
+
+
+@dataclass(frozen=True)
+class DropoutRate(HParam):
+    """The drop probability of dropout modules in the model.
+
+    ``targets`` selects dropout modules by path pattern or type (default: every dropout module
+    no other spec claims). ``per_site=True`` gives each selected module its own hyperparameter,
+    named ``"<name>:<module path>"``.
+    """
+
+    init: float = 0.05
+    low: float = 0.0
+    high: float = 0.95
+    targets: tuple[Target, ...] | None = field(default=None)
+    per_site: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.low < 0:
+            raise SpecError(f"DropoutRate: low={self.low} must be >= 0")
+        if self.high >= 1:
+            raise SpecError(
+                f"DropoutRate: high={self.high} must be < 1; at rate 1 every unit is dropped "
+                "and inverted dropout divides by zero"
+            )
+        object.__setattr__(self, "targets", _as_targets(self.targets))
+
+
+@dataclass(frozen=True)
+class InputDropout(HParam):
+    """Dropout on the model's first input tensor, applied before the user's forward."""
+
+    init: float = 0.05
+    low: float = 0.0
+    high: float = 0.95
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.low < 0:
+            raise SpecError(f"InputDropout: low={self.low} must be >= 0")
+        if self.high >= 1:
+            raise SpecError(
+                f"InputDropout: high={self.high} must be < 1; at rate 1 the whole input is dropped"
+            )
+
+
+@dataclass(frozen=True)
+class WeightDecay(HParam):
+    """An L2 coefficient ``c`` adding ``c/2 * ||w||^2`` to the training loss only.
+
+    The ``1/2`` makes ``c`` mean the same as torch.optim's ``weight_decay``. ``targets`` selects
+    the modules whose weights are penalised (default: every hyper-layer); biases are included
+    only with ``include_bias=True``. Tuned on a log scale.
+    """
+
+    init: float = 1e-4
+    low: float = 0.0
+    high: float = math.inf
+    targets: tuple[Target, ...] | None = field(default=None)
+    include_bias: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.low < 0:
+            raise SpecError(f"WeightDecay: low={self.low} must be >= 0")
+        object.__setattr__(self, "targets", _as_targets(self.targets))
+
+
+def validate_specs(hparams: object) -> dict[str, HParam]:
+    """Check the ``hparams`` mapping given to ``HyperModel.wrap``; one reason per refusal."""
+    if hasattr(hparams, "items"):
+        pairs = list(hparams.items())  # type: ignore[attr-defined]
+    elif isinstance(hparams, (list, tuple)) and all(
+        isinstance(p, tuple) and len(p) == 2 for p in hparams
+    ):
+        pairs = list(hparams)
+    else:
+        raise SpecError(
+            "hparams must be a mapping of name -> spec (e.g. {'dropout': DropoutRate()}) "
+            f"or a list of (name, spec) pairs, got {type(hparams).__name__}"
+        )
+    names = [n for n, _ in pairs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SpecError(f"duplicate hyperparameter names {duplicates}: give each a unique name")
+    specs = dict(pairs)
+    if not specs:
+        raise SpecError("hparams is empty: name at least one hyperparameter to tune")
+    for name, spec in specs.items():
+        if not isinstance(name, str) or not name or ":" in name or "." in name:
+            raise SpecError(
+                f"hyperparameter name {name!r} must be a non-empty string without ':' or '.'"
+            )
+        if not isinstance(spec, HParam):
+            raise SpecError(
+                f"hparams[{name!r}] is a {type(spec).__name__}; use a spec such as DropoutRate(), "
+                "WeightDecay(), InputDropout() or HParam(...)"
+            )
+    n_input = [n for n, s in specs.items() if isinstance(s, InputDropout)]
+    if len(n_input) > 1:
+        raise SpecError(f"only one InputDropout is allowed, got {n_input}")
+    return specs

@@ -71,6 +71,17 @@ def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+def _running_stats(module: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """Copies of the statistics a train-mode forward updates, to restore if the step is refused."""
+    return [
+        (buf, buf.detach().clone())
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training
+        for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buf is not None
+    ]
+
+
 @contextmanager
 def _mode(module: nn.Module, training: bool) -> Iterator[None]:
     """Put the model in train/eval mode for a step; a model already there is left as the user set it."""
@@ -171,6 +182,9 @@ class DeltaSTNOptimizer:
         self._take_over(optimizer)
         self.optimizer = optimizer
 
+        # Θ's learning rate follows the user's schedule only when hypertune built its optimizer;
+        # a user-supplied one keeps whatever schedule the user attaches to it.
+        self._follows_lr = response_optimizer is None
         if response_optimizer is None:
             response_optimizer = self._clone_for_response(optimizer)
         self.response_optimizer = response_optimizer
@@ -233,15 +247,26 @@ class DeltaSTNOptimizer:
     def _follow_lr(self) -> None:
         """Scale Θ's learning rates with the user's schedule on their optimizer."""
         base0, resp0 = self._lr_reference
-        if base0 == 0:
+        if not self._follows_lr or base0 == 0:
             return
         ratio = float(self.optimizer.param_groups[0]["lr"]) / base0
         for group, lr0 in zip(self.response_optimizer.param_groups, resp0):
             group["lr"] = lr0 * ratio
 
     # ---- the guarded update ----------------------------------------------------------------
-    def _update(self, loss: Tensor, params: Sequence[nn.Parameter], optimizers: Sequence[torch.optim.Optimizer], what: str) -> bool:
-        """Backward, refuse non-finite loss or gradients, step. True if the step was taken."""
+    def _update(
+        self,
+        loss: Tensor,
+        params: Sequence[nn.Parameter],
+        optimizers: Sequence[torch.optim.Optimizer],
+        what: str,
+        buffers: Sequence[tuple[Tensor, Tensor]] = (),
+    ) -> bool:
+        """Backward, refuse non-finite loss or gradients, step. True if the step was taken.
+
+        ``buffers`` are (buffer, copy before the forward) pairs restored on refusal, so a bad
+        batch cannot leave NaN in BatchNorm's running statistics either.
+        """
         loss.backward()
         grads = [p.grad for p in params if p.grad is not None]
         ok = torch.isfinite(loss.detach())
@@ -251,6 +276,9 @@ class DeltaSTNOptimizer:
         if not bool(ok):
             for p in params:
                 p.grad = None
+            with torch.no_grad():
+                for buf, saved in buffers:
+                    buf.copy_(saved)
             if self.nonfinite == "skip":
                 self.skipped_steps += 1
                 return False
@@ -307,10 +335,11 @@ class DeltaSTNOptimizer:
     def _base_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, loss_fn: LossFn) -> tuple[float, bool]:
         hm = self.hyper_model
         point = hm.current_point()
+        stats = _running_stats(hm)
         with _no_grad_for(self._response_params + self._hyper_params), hm.evaluated_at(point):
             out = self.model(*args, **kwargs)
             data_loss, total = self._objective(out, target, loss_fn, point)
-            taken = self._update(total, self._base_params, [self.optimizer], "w₀ step")
+            taken = self._update(total, self._base_params, [self.optimizer], "w₀ step", stats)
         return float(data_loss.detach()), taken
 
     def _perturbed_point(self, rows: int, linearize: bool) -> Perturbation:
@@ -342,6 +371,7 @@ class DeltaSTNOptimizer:
         hm = self.hyper_model
         point = self._perturbed_point(rows, linearize=False)
         self._follow_lr()
+        stats = _running_stats(hm)
         with _no_grad_for(self._hyper_params), hm.evaluated_at(point):
             out = self.model(*args, **kwargs)
             data_loss, total = self._objective(out, target, loss_fn, point)
@@ -350,6 +380,7 @@ class DeltaSTNOptimizer:
                 self._base_params + self._response_params,
                 [self.optimizer, self.response_optimizer],
                 "STN step",
+                stats,
             )
         return float(data_loss.detach()), taken
 

@@ -1,0 +1,133 @@
+"""The forward-AD tangent is the directional derivative of the centered forward in δλ."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import hypertune as ht
+from hypertune.context import Perturbation
+from hypertune.linearize import linearized_call
+
+
+class Residual(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.norm = nn.BatchNorm1d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.norm(self.fc(x)))
+
+
+def _mlp(widths: list[int], residual: bool) -> nn.Module:
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.GELU()]
+    if residual:
+        layers.append(Residual(widths[-1]))
+    layers.append(nn.Linear(widths[-1], 3))
+    return nn.Sequential(*layers)
+
+
+def _cnn(channels: int, groups: int, kernel: tuple[int, int], stride: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, channels * groups, kernel, stride=stride, padding=1),
+        nn.BatchNorm2d(channels * groups),
+        nn.Tanh(),
+        nn.Conv2d(channels * groups, channels * groups, (3, 2), groups=groups, dilation=(1, 2)),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(channels * groups * 4, 3),
+    )
+
+
+def _randomize_response(model: ht.HyperModel, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for p in model.response_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+
+
+def _check_tangent(net: nn.Module, x: torch.Tensor, train: bool, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    net = net.double()
+    model = ht.HyperModel.wrap(net, hparams={"a": ht.HParam(init=0.0), "b": ht.WeightDecay(init=0.1)})
+    _randomize_response(model, gen)
+    model.train(train)
+    space = model.hparams
+    eps = torch.randn(x.shape[0], len(space), generator=gen, dtype=torch.float64)
+    lam = space.unconstrained.detach().unsqueeze(0).expand(x.shape[0], -1)
+
+    def centered(delta: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), model.evaluated_at(Perturbation(space, lam, delta)):
+            return model(x)
+
+    with torch.no_grad(), model.evaluated_at(Perturbation(space, lam, eps, linearize=True)):
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            out = model(x)
+            primal, tangent = fwAD.unpack_dual(out)
+            primal, tangent = primal.clone(), tangent.clone()
+    h = 1e-6
+    fd = (centered(h * eps) - centered(-h * eps)) / (2 * h)
+    torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-7)
+    # The primal is exactly w₀'s output.
+    with torch.no_grad():
+        assert torch.equal(primal, model(x))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    residual=st.booleans(),
+    train=st.booleans(),
+    batch=st.integers(2, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_mlp_tangent_matches_central_differences(widths, residual, train, batch, seed):
+    torch.manual_seed(seed)
+    net = _mlp([4, *widths], residual)
+    x = torch.randn(batch, 4, dtype=torch.float64)
+    _check_tangent(net, x, train, seed)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    channels=st.integers(1, 3),
+    groups=st.sampled_from([1, 2]),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.integers(1, 2),
+    train=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cnn_tangent_matches_central_differences(channels, groups, kernel, stride, train, seed):
+    torch.manual_seed(seed)
+    net = _cnn(channels, groups, kernel, stride)
+    x = torch.randn(3, 2, 9, 8, dtype=torch.float64)
+    _check_tangent(net, x, train, seed)
+
+
+def test_embedding_tangent_matches_central_differences():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(11, 5, padding_idx=0), nn.Flatten(), nn.Linear(15, 2))
+    x = torch.randint(0, 11, (4, 3))
+    _check_tangent(net, x, False, 0)
+
+
+def test_linearized_call_returns_primal_plus_tangent_and_grads_reach_theta_only():
+    torch.manual_seed(0)
+    model = ht.HyperModel.wrap(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)), {"a": ht.HParam(init=0.0)})
+    _randomize_response(model, torch.Generator().manual_seed(1))
+    x = torch.randn(5, 3)
+    eps = torch.randn(5, 1)
+    lam = model.hparams.unconstrained.detach().unsqueeze(0).expand(5, -1)
+    for p in model.base_parameters():
+        p.requires_grad_(False)
+    with model.evaluated_at(Perturbation(model.hparams, lam, eps, linearize=True)):
+        y = linearized_call(lambda: model(x))
+    y.sum().backward()
+    assert all(p.grad is not None for p in model.response_parameters())
+    assert all(p.grad is None for p in model.base_parameters())

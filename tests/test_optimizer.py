@@ -1,0 +1,251 @@
+"""DeltaSTNOptimizer: who updates what, state round trips, refusals that change nothing."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hypertune as ht
+
+
+def _net(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3)
+    ).to(dtype)
+
+
+def _setup(mode: str = "delta", seed: int = 0, **kwargs):
+    model = ht.HyperModel.wrap(
+        _net(seed), {"drop": ht.DropoutRate(init=0.2), "wd": ht.WeightDecay(init=1e-3)}
+    )
+    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return model, ht.DeltaSTNOptimizer(model, base, mode=mode, **kwargs)
+
+
+def _batch(seed: int, n: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("mode", ["delta", "centered", "stn"])
+def test_steps_run_and_move_lambda(mode):
+    model, opt = _setup(mode)
+    before = model.hparams.unconstrained.detach().clone()
+    for i in range(10):
+        r = opt.train_step(*_batch(i), F.cross_entropy)
+        assert math.isfinite(r.loss) and set(r.hparams) == {"drop", "wd"}
+        v = opt.val_step(*_batch(100 + i), F.cross_entropy)
+        assert v.updated and not v.skipped
+    assert not torch.equal(before, model.hparams.unconstrained.detach())
+    assert opt.train_steps == 10 and opt.val_steps == 10
+    # Every gradient is cleared after a step, so nothing leaks into the user's next step.
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_w0_step_leaves_theta_and_theta_step_leaves_w0():
+    model = ht.HyperModel.wrap(_net(0), {"drop": ht.DropoutRate(init=0.2), "wd": ht.WeightDecay()})
+    opt = ht.DeltaSTNOptimizer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        response_optimizer=torch.optim.SGD(model.response_parameters(), lr=0.0),
+    )
+    theta = [p.detach().clone() for p in model.response_parameters()]
+    opt.train_step(*_batch(0), F.cross_entropy)
+    assert all(torch.equal(a, p) for a, p in zip(theta, model.response_parameters()))
+
+    model = ht.HyperModel.wrap(_net(0), {"drop": ht.DropoutRate(init=0.2), "wd": ht.WeightDecay()})
+    opt = ht.DeltaSTNOptimizer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        response_optimizer=torch.optim.SGD(model.response_parameters(), lr=0.1),
+    )
+    w0 = [p.detach().clone() for p in model.base_parameters()]
+    theta = [p.detach().clone() for p in model.response_parameters()]
+    opt.train_step(*_batch(0), F.cross_entropy)
+    assert all(torch.equal(a, p) for a, p in zip(w0, model.base_parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(theta, model.response_parameters()))
+
+
+def test_batchnorm_running_stats_come_from_unperturbed_pass_only():
+    model, opt = _setup("delta")
+    x, y = _batch(0)
+    reference = copy.deepcopy(model)
+    reference.train()
+    with torch.no_grad():
+        reference(x)  # one unperturbed pass at w₀ (dropout after BN does not affect its stats)
+    opt.train_step(x, y, F.cross_entropy)
+    bn, ref_bn = model.module[1], reference.module[1]
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_response_lr_follows_user_scheduler():
+    model, opt = _setup("delta")
+    sched = torch.optim.lr_scheduler.StepLR(opt.optimizer, step_size=1, gamma=0.5)
+    opt.train_step(*_batch(0), F.cross_entropy)
+    sched.step()
+    opt.train_step(*_batch(1), F.cross_entropy)
+    assert opt.response_optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_user_optimizer_keeps_only_w0():
+    model, opt = _setup("delta")
+    held = {id(p) for g in opt.optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.base_parameters()}
+    assert {id(p) for g in opt.response_optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in model.response_parameters()
+    }
+
+
+@pytest.mark.parametrize("mode", ["delta", "centered", "stn"])
+def test_state_dict_round_trip_gives_identical_next_steps(mode):
+    model_a, opt_a = _setup(mode, seed=0)
+    for i in range(3):
+        opt_a.train_step(*_batch(i), F.cross_entropy)
+        opt_a.val_step(*_batch(50 + i), F.cross_entropy)
+    model_b, opt_b = _setup(mode, seed=1)  # different initial weights, overwritten by the load
+    model_b.load_state_dict(model_a.state_dict())
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    for i in range(3, 6):
+        torch.manual_seed(1000 + i)
+        ra = opt_a.train_step(*_batch(i), F.cross_entropy)
+        va = opt_a.val_step(*_batch(50 + i), F.cross_entropy)
+        torch.manual_seed(1000 + i)
+        rb = opt_b.train_step(*_batch(i), F.cross_entropy)
+        vb = opt_b.val_step(*_batch(50 + i), F.cross_entropy)
+        assert ra.loss == rb.loss and va.loss == vb.loss and ra.hparams == rb.hparams
+    _assert_same(_snapshot(model_a), _snapshot(model_b))
+    assert opt_b.train_steps == opt_a.train_steps == 6
+
+
+def test_load_state_dict_refuses_other_layouts_untouched():
+    model, opt = _setup("delta")
+    opt.train_step(*_batch(0), F.cross_entropy)
+    good = opt.state_dict()
+    before = _snapshot(model)
+    for bad, msg in [
+        ({}, "format"),
+        ({**good, "version": 99}, "version"),
+        ({**good, "mode": "stn"}, "mode"),
+        ({**good, "hparam_names": ["x"]}, "tunes"),
+    ]:
+        with pytest.raises(ht.StateDictError, match=msg):
+            opt.load_state_dict(bad)
+    _assert_same(before, _snapshot(model))
+
+
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_non_finite_loss_is_refused_and_changes_nothing(where):
+    model, opt = _setup("delta")
+    opt.train_step(*_batch(0), F.cross_entropy)
+    before = _snapshot(model)
+    state = copy.deepcopy(opt.optimizer.state_dict())
+
+    def nan_loss(out, y):
+        return F.cross_entropy(out, y) * float("nan")
+
+    step = opt.train_step if where == "train" else opt.val_step
+    with pytest.raises(ht.NonFiniteLossError, match="nonfinite='skip'"):
+        step(*_batch(1), nan_loss)
+    _assert_same(before, _snapshot(model))
+    assert str(opt.optimizer.state_dict()) == str(state)
+
+
+def test_non_finite_steps_can_be_skipped_and_counted():
+    model, opt = _setup("delta", nonfinite="skip")
+    before = _snapshot(model)
+    r = opt.train_step(*_batch(1), lambda o, y: F.cross_entropy(o, y) * float("inf"))
+    assert r.skipped and opt.skipped_steps == 2  # the w₀ step and the Θ step
+    # Running statistics are restored too: a refused step leaves the whole state as it was.
+    _assert_same(before, _snapshot(model))
+
+
+def test_float64_model_gets_float64_hyperstate():
+    model = ht.HyperModel.wrap(_net(0, torch.float64), {"wd": ht.WeightDecay()})
+    assert model.hparams.unconstrained.dtype == torch.float64
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    x, y = _batch(0)
+    opt.train_step(x.double(), y, F.cross_entropy)
+    opt.val_step(x.double(), y, F.cross_entropy)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+def test_warmup_val_steps_do_not_move_lambda():
+    model, opt = _setup("delta", warmup_steps=2)
+    u = model.hparams.unconstrained.detach().clone()
+    opt.train_step(*_batch(0), F.cross_entropy)
+    v = opt.val_step(*_batch(1), F.cross_entropy)
+    assert not v.updated and torch.equal(u, model.hparams.unconstrained.detach())
+    opt.train_step(*_batch(2), F.cross_entropy)
+    assert opt.val_step(*_batch(3), F.cross_entropy).updated
+
+
+def test_inputs_as_tuple_and_dict():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+        def forward(self, x, z):
+            return self.a(x) + self.b(z)
+
+    model = ht.HyperModel.wrap(TwoInputs(), {"wd": ht.WeightDecay()})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, z, y = torch.randn(8, 4), torch.randn(8, 2), torch.randint(0, 3, (8,))
+    opt.train_step((x, z), y, F.cross_entropy)
+    opt.train_step({"x": x, "z": z}, y, F.cross_entropy)
+    opt.val_step((x, z), y, F.cross_entropy)
+
+
+def test_bad_optimizer_arguments_are_refused_and_leave_optimizer_alone():
+    model = ht.HyperModel.wrap(_net(0), {"wd": ht.WeightDecay()})
+    with pytest.raises(ht.HyperTuneError, match="mode"):
+        ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ht.HyperTuneError, match="LBFGS"):
+        ht.DeltaSTNOptimizer(model, torch.optim.LBFGS(model.parameters()))
+    with pytest.raises(ht.HyperTuneError, match="HyperModel.wrap"):
+        ht.DeltaSTNOptimizer(_net(0), torch.optim.SGD(_net(0).parameters(), lr=0.1))
+    stranger = nn.Parameter(torch.zeros(2))
+    foreign = torch.optim.SGD([*model.parameters(), stranger], lr=0.1)
+    groups = [list(g["params"]) for g in foreign.param_groups]
+    with pytest.raises(ht.HyperTuneError, match="does not own"):
+        ht.DeltaSTNOptimizer(model, foreign)
+    assert [list(g["params"]) for g in foreign.param_groups] == groups
+    partial = torch.optim.SGD(list(model.module[0].parameters()), lr=0.1)
+    with pytest.raises(ht.HyperTuneError, match="never train"):
+        ht.DeltaSTNOptimizer(model, partial)
+    with pytest.raises(ht.HyperTuneError, match="nonfinite"):
+        ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), nonfinite="ignore")  # type: ignore[arg-type]
+
+
+def test_loss_fn_must_return_scalar():
+    model, opt = _setup("delta")
+    with pytest.raises(ht.HyperTuneError, match="scalar"):
+        opt.train_step(*_batch(0), lambda o, y: F.cross_entropy(o, y, reduction="none"))
+
+
+def test_model_mode_is_restored():
+    model, opt = _setup("delta")
+    model.eval()
+    opt.train_step(*_batch(0), F.cross_entropy)
+    assert not model.training and not any(m.training for m in model.modules())
+    model.train()
+    opt.val_step(*_batch(0), F.cross_entropy)
+    assert model.training and all(m.training for m in model.modules())

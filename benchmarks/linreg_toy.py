@@ -54,6 +54,7 @@ SETTINGS = {
     "steps": 4000,
     "warmup_steps": 200,  # w0 and Θ settle before λ moves
     "lr": 0.05,  # SGD with momentum for w0 (Θ gets a clone of it, as the library does)
+    "lr_final": 0.05,  # w0's (and so Θ's) LR is cosine-annealed to this after warm-up
     "momentum": 0.9,
     "hyper_lr": 0.01,  # RMSprop over (λ, σ) ...
     "hyper_lr_final": 0.0,  # ... cosine-annealed to this over the post-warm-up steps
@@ -302,6 +303,13 @@ def run_method(problem: Problem, hparam: str, method: str, seed: int, settings: 
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(k, horizon) / horizon))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt.hyper_optimizer, cosine)
+    base_floor = settings["lr_final"] / settings["lr"]
+
+    def base_cosine(k: int) -> float:
+        k = max(0, k - warmup)
+        return base_floor + (1 - base_floor) * 0.5 * (1 + math.cos(math.pi * min(k, horizon) / horizon))
+
+    base_schedule = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, base_cosine)
 
     trace = np.empty(steps + 1)
     sigma = np.empty(steps + 1)
@@ -312,6 +320,7 @@ def run_method(problem: Problem, hparam: str, method: str, seed: int, settings: 
         r = opt.val_step(Xv, yv, F.mse_loss)
         if r.updated:
             schedule.step()
+        base_schedule.step()
         trace[k + 1] = r.hparams["lam"]
         sigma[k + 1] = opt.scales()["lam"]
     model.eval()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import context, surgery
+from .augment.base import Augmentation
 from .context import Perturbation
 from .errors import HyperTuneError
 from .hyperparameters import HyperParameters
@@ -49,10 +50,12 @@ class HyperModel(nn.Module):
         super().__init__()
         self.module = module
         self.hparams = hparams
+        self.training = module.training
         self.centered = True
         self._override: Perturbation | None = None
         self._unwrapped = False
         self._input_dropout = plan.input_dropout
+        self._augmentations = list(plan.augmentations)
         layers: dict[str, HyperLayer] = {}
         for name, m in module.named_modules():
             if isinstance(m, HyperLayer):
@@ -78,7 +81,7 @@ class HyperModel(nn.Module):
     def wrap(
         cls,
         model: nn.Module,
-        hparams: Mapping[str, HParam] | Sequence[tuple[str, HParam]],
+        hparams: Mapping[str, HParam | Augmentation] | Sequence[tuple[str, HParam | Augmentation]],
         *,
         targets: Sequence[Target] | None = None,
         exclude: Sequence[Target] | None = None,
@@ -147,12 +150,18 @@ class HyperModel(nn.Module):
             raise HyperTuneError("this HyperModel was unwrapped; use the module unwrap() returned")
         point = self._override if self._override is not None else self.current_point()
         with context.active(point):
-            if self._input_dropout is not None and self.training and args and torch.is_tensor(args[0]):
-                x = args[0]
-                if x.is_floating_point():
-                    rate = point.value(self._input_dropout)
-                    args = (dropout_per_example(x, rate, 0, "input dropout"), *args[1:])
+            if self.training and args and torch.is_tensor(args[0]) and args[0].is_floating_point():
+                args = (self._transform_input(args[0], point), *args[1:])
             return self.module(*args, **kwargs)
+
+    def _transform_input(self, x: Tensor, point: Perturbation) -> Tensor:
+        """Training-only input regularizers: augmentations in order, then input dropout."""
+        for name, aug in self._augmentations:
+            values = {sub: point.value(f"{name}:{sub}") for sub in aug.hparams()}
+            x = aug.apply(x, values)
+        if self._input_dropout is not None:
+            x = dropout_per_example(x, point.value(self._input_dropout), 0, "input dropout")
+        return x
 
     def batch_rows(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> int:
         """Number of examples in a batch: the leading dimension of its first tensor."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from torch import nn
 
@@ -79,6 +79,19 @@ class HParam:
             )
         if self.discrete and not (math.isfinite(self.low) and math.isfinite(self.high)):
             raise SpecError(f"{kind}: a discrete hyperparameter needs finite low and high bounds")
+        if self.discrete and math.ceil(self.low) > math.floor(self.high):
+            raise SpecError(
+                f"{kind}: discrete range ({self.low}, {self.high}) holds no integer; widen the bounds"
+            )
+        try:
+            u = self.unconstrained_init()
+        except (ValueError, ZeroDivisionError, OverflowError):
+            u = math.inf
+        if not math.isfinite(u):
+            raise SpecError(
+                f"{kind}: init={self.init} is too close to a bound of ({self.low}, {self.high}) to be "
+                "represented on the tuning scale; move it inside"
+            )
 
     @property
     def transform(self) -> Transform:
@@ -155,8 +168,12 @@ class WeightDecay(HParam):
         object.__setattr__(self, "targets", _as_targets(self.targets))
 
 
-def validate_specs(hparams: object) -> dict[str, HParam]:
-    """Check the ``hparams`` mapping given to ``HyperModel.wrap``; one reason per refusal."""
+def validate_specs(hparams: object) -> dict[str, Any]:
+    """Check the ``hparams`` mapping given to ``HyperModel.wrap``; one reason per refusal.
+
+    Values are HParam specs or Augmentation objects (which expand into sub-hyperparameters).
+    """
+    from .augment.base import Augmentation
     if hasattr(hparams, "items"):
         pairs = list(hparams.items())  # type: ignore[attr-defined]
     elif isinstance(hparams, (list, tuple)) and all(
@@ -180,10 +197,21 @@ def validate_specs(hparams: object) -> dict[str, HParam]:
             raise SpecError(
                 f"hyperparameter name {name!r} must be a non-empty string without ':' or '.'"
             )
+        if isinstance(spec, Augmentation):
+            subs = spec.hparams()
+            if not subs:
+                raise SpecError(f"hparams[{name!r}] ({type(spec).__name__}) tunes nothing")
+            for sub, sub_spec in subs.items():
+                if not isinstance(sub_spec, HParam) or ":" in sub or "." in sub or not sub:
+                    raise SpecError(
+                        f"hparams[{name!r}] ({type(spec).__name__}) gives sub-hyperparameter {sub!r} "
+                        f"as {type(sub_spec).__name__}; each must be an HParam with a plain name"
+                    )
+            continue
         if not isinstance(spec, HParam):
             raise SpecError(
                 f"hparams[{name!r}] is a {type(spec).__name__}; use a spec such as DropoutRate(), "
-                "WeightDecay(), InputDropout() or HParam(...)"
+                "WeightDecay(), InputDropout(), HParam(...) or an Augmentation"
             )
     n_input = [n for n, s in specs.items() if isinstance(s, InputDropout)]
     if len(n_input) > 1:

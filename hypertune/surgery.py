@@ -14,6 +14,7 @@ from fnmatch import fnmatchcase
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .augment.base import Augmentation
 from .errors import WrapError
 from .layers import (
     HyperConv1d,
@@ -79,6 +80,7 @@ class SurgeryPlan:
     # hyperparameter name -> paths of modules whose weights it penalises
     weight_decay: dict[str, list[str]] = field(default_factory=dict)
     input_dropout: str | None = None
+    augmentations: list[tuple[str, Augmentation]] = field(default_factory=list)
 
 
 def _sites(model: nn.Module) -> list[Site]:
@@ -98,7 +100,7 @@ def _inside_attention(path: str, attention_paths: list[str]) -> bool:
 
 def plan(
     model: nn.Module,
-    specs: dict[str, HParam],
+    specs: dict[str, HParam | Augmentation],
     targets: Sequence[Target] | None = None,
     exclude: Sequence[Target] | None = None,
 ) -> SurgeryPlan:
@@ -128,6 +130,7 @@ def plan(
 
     # -- hyper-layers ----------------------------------------------------------------------
     matched_selectors: set[int] = set()
+    layer_types = tuple(HYPER_LAYERS)
     for site in sites:
         path, module = site.path, site.module
         if any(_matches(p, module, exclude) for p in site.paths):
@@ -137,20 +140,13 @@ def plan(
             if not hits:
                 continue
             matched_selectors.update(hits)
-            if type(module) not in HYPER_LAYERS:
-                # Containers matched by a broad pattern are fine (their leaves decide), and
-                # dropout modules are governed by DropoutRate specs.
-                if list(module.children()) or type(module) in DROPOUTS:
-                    continue
-                problems.append(
-                    f"{_describe(path, module)} was selected by targets but only "
-                    f"{', '.join(t.__name__ for t in HYPER_LAYERS)} (exact types) can become "
-                    "hyper-layers: narrow targets or add it to exclude"
-                )
+            # Containers matched by a broad pattern are fine (their leaves decide), and dropout
+            # modules are governed by DropoutRate specs.
+            if not isinstance(module, layer_types) and (list(module.children()) or type(module) in DROPOUTS):
                 continue
-        elif type(module) not in HYPER_LAYERS or _inside_attention(path, attention):
-            # Subclasses may override forward, and MultiheadAttention reads its projections'
-            # weights directly; both keep training as ordinary w₀ parameters.
+        elif not isinstance(module, layer_types) or _inside_attention(path, attention):
+            # MultiheadAttention reads its projections' weights without calling them; they keep
+            # training as ordinary w₀ parameters.
             continue
         if _inside_attention(path, attention):
             problems.append(
@@ -169,6 +165,15 @@ def plan(
                 f"{_describe(path, module)} has a parametrization (weight is computed, not a Parameter): "
                 "remove the parametrization or add the module to exclude"
             )
+            continue
+        if type(module) not in HYPER_LAYERS:
+            if explicit is not None:
+                problems.append(
+                    f"{_describe(path, module)} was selected by targets but only "
+                    f"{', '.join(t.__name__ for t in HYPER_LAYERS)} (exact types, whose forward "
+                    "hypertune knows) can become hyper-layers: narrow targets or add it to exclude"
+                )
+            # A subclass may override forward; by default it keeps training as plain w₀.
             continue
         if isinstance(module, nn.Embedding) and module.max_norm is not None:
             problems.append(
@@ -246,6 +251,11 @@ def plan(
     # -- other specs ---------------------------------------------------------------------------
     for name, spec in specs.items():
         if isinstance(spec, DropoutRate):
+            continue
+        if isinstance(spec, Augmentation):
+            result.augmentations.append((name, spec))
+            for sub, sub_spec in spec.hparams().items():
+                result.specs[f"{name}:{sub}"] = sub_spec
             continue
         result.specs[name] = spec
         if isinstance(spec, InputDropout):

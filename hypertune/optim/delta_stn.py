@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..context import Perturbation
 from ..errors import HyperTuneError, NonFiniteLossError, StateDictError
+from ..history import History, Record
 from ..linearize import linearized_call
 from ..model import HyperModel
 
@@ -202,6 +203,7 @@ class DeltaSTNOptimizer:
         self.train_steps = 0
         self.val_steps = 0
         self.skipped_steps = 0
+        self.history = History()
 
     # ---- set-up ----------------------------------------------------------------------------
     def _take_over(self, optimizer: torch.optim.Optimizer) -> None:
@@ -328,9 +330,15 @@ class DeltaSTNOptimizer:
                 response_loss, taken_r = self._response_step(args, kwargs, target, loss_fn, rows)
                 taken = taken and taken_r
         self.train_steps += 1
-        return StepResult(
-            loss=loss, response_loss=response_loss, hparams=hm.hparam_values(), skipped=not taken
+        return self._record("train", loss, taken, response_loss)
+
+    def _record(self, kind: Literal["train", "val"], loss: float, taken: bool, response_loss: float | None = None) -> StepResult:
+        hp = self.hyper_model.hparams
+        values, scales = hp.values(), hp.scales()
+        self.history.append(
+            Record(self.train_steps, kind, loss, values, scales, response_loss, skipped=not taken)
         )
+        return StepResult(loss=loss, hparams=values, response_loss=response_loss, skipped=not taken)
 
     def _base_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, loss_fn: LossFn) -> tuple[float, bool]:
         hm = self.hyper_model
@@ -415,7 +423,7 @@ class DeltaSTNOptimizer:
             objective = loss - self.entropy_weight * hp.entropy() if self.tune_scales else loss
             taken = self._update(objective, self._hyper_params, [self.hyper_optimizer], "λ step")
         self.val_steps += 1
-        return StepResult(loss=float(loss.detach()), hparams=hm.hparam_values(), skipped=not taken)
+        return self._record("val", float(loss.detach()), taken)
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -438,6 +446,7 @@ class DeltaSTNOptimizer:
                 "skipped_steps": self.skipped_steps,
             },
             "lr_reference": [self._lr_reference[0], list(self._lr_reference[1])],
+            "history": self.history.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -473,6 +482,7 @@ class DeltaSTNOptimizer:
         self.skipped_steps = int(counters["skipped_steps"])
         base0, resp0 = state["lr_reference"]
         self._lr_reference = (float(base0), [float(v) for v in resp0])
+        self.history.load_state_dict(state.get("history", {"records": []}))
 
     # ---- conveniences ------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -6,6 +6,7 @@ Wrap a model, swap its optimizer, keep the loop::
     opt = hypertune.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01))
 """
 
+from .augment import Augmentation, ColorJitter, Cutout, RandomAffine
 from .context import Perturbation, hparam
 from .errors import (
     HyperTuneError,
@@ -18,7 +19,16 @@ from .errors import (
 from .hyperparameters import HyperParameters
 from .model import HyperModel
 from .optim import DeltaSTNOptimizer, StepResult
-from .specs import DropoutRate, HParam, InputDropout, WeightDecay
+from .specs import (
+    ActivationRegularization,
+    DropConnect,
+    DropoutRate,
+    EmbeddingDropout,
+    HParam,
+    InputDropout,
+    TemporalActivationRegularization,
+    WeightDecay,
+)
 
 __version__ = "0.1.0"
 
@@ -30,6 +40,14 @@ __all__ = [
     "DropoutRate",
     "InputDropout",
     "WeightDecay",
+    "DropConnect",
+    "EmbeddingDropout",
+    "ActivationRegularization",
+    "TemporalActivationRegularization",
+    "Augmentation",
+    "Cutout",
+    "ColorJitter",
+    "RandomAffine",
     "HyperParameters",
     "Perturbation",
     "hparam",

@@ -86,7 +86,13 @@ class HyperParameters(nn.Module):
         return dict(zip(self.names, self.scale.detach().tolist()))
 
     def sample_noise(self, rows: int) -> Tensor:
-        """ε of shape (rows, h): one draw per example, shared down the batch for per-batch specs."""
+        """ε of shape (rows, h): one draw per example, shared down the batch for per-batch specs.
+
+        When every spec is per-batch a single row is returned, which broadcasts over any batch
+        layout (models that reshape their batch need exactly that).
+        """
+        if self._batch_columns.numel() == len(self):
+            rows = 1
         z = torch.randn(rows, len(self), dtype=self.unconstrained.dtype, device=self.unconstrained.device)
         if self._batch_columns.numel():
             z[:, self._batch_columns] = z[:1, self._batch_columns]

@@ -15,8 +15,8 @@ from .context import Perturbation
 from .errors import HyperTuneError
 from .hyperparameters import HyperParameters
 from .layers import HyperDropout, HyperLayer, dropout_per_example
-from .penalties import WeightDecayPenalty
-from .specs import HParam, Target, WeightDecay, validate_specs
+from .penalties import ActivationPenalty, WeightDecayPenalty
+from .specs import HParam, Target, TemporalActivationRegularization, WeightDecay, validate_specs
 
 
 class InputDropoutHook:
@@ -75,6 +75,16 @@ class HyperModel(nn.Module):
                     if spec.include_bias and isinstance(getattr(m, "bias", None), nn.Parameter):
                         plain.append(m.bias)
             self._penalties.append(WeightDecayPenalty(name, hyper, plain, spec.include_bias))
+        self._activation_penalties: list[ActivationPenalty] = []
+        self._hook_handles: list[Any] = []
+        for name, paths in plan.activation_penalties.items():
+            spec = plan.specs[name]
+            time_dim = spec.time_dim if isinstance(spec, TemporalActivationRegularization) else None
+            penalty = ActivationPenalty(name, time_dim)
+            self._activation_penalties.append(penalty)
+            for path in paths:
+                m = module.get_submodule(path) if path else module
+                self._hook_handles.append(m.register_forward_hook(penalty.hook))
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -173,10 +183,22 @@ class HyperModel(nn.Module):
             )
         return x.shape[0]
 
+    @contextmanager
+    def collecting_activations(self) -> Iterator[None]:
+        """Let AR/TAR hooks record outputs for the training penalty of the enclosed pass."""
+        for penalty in self._activation_penalties:
+            penalty.outputs.clear()
+            penalty.collecting = True
+        try:
+            yield
+        finally:
+            for penalty in self._activation_penalties:
+                penalty.collecting = False
+
     def training_penalty(self, point: Perturbation) -> Tensor | None:
         """Sum of tuned training-only penalties, per perturbation row; ``None`` if there are none."""
         total: Tensor | None = None
-        for penalty in self._penalties:
+        for penalty in [*self._penalties, *self._activation_penalties]:
             term = penalty(point)
             total = term if total is None else total + term
         return total
@@ -192,10 +214,13 @@ class HyperModel(nn.Module):
         Hyper-layers become their torch classes again with the same w₀ Parameters (plain STN first
         folds Θ at λ₀ into them), tuned dropouts become plain dropouts at the final rate, and a
         tuned input dropout becomes a forward pre-hook. Tuned weight decay has no module form:
-        read it from :meth:`hparam_values`.
+        read it from :meth:`hparam_values`, like tuned AR/TAR coefficients (their hooks are
+        removed).
         """
         values = self.hparam_values()
         lam = self.hparams.unconstrained.detach()
+        for handle in self._hook_handles:
+            handle.remove()
         root = self.module
         replaced: dict[int, nn.Module] = {}
         for path, module in list(root.named_modules(remove_duplicate=False)):

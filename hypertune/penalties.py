@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from . import context
 from .context import Perturbation
+from .errors import PerturbationError
 from .layers import HyperLayer
 
 
@@ -35,3 +39,44 @@ class WeightDecayPenalty:
         if sq is None:
             return torch.zeros(1, device=p.hparams.device, dtype=p.hparams.dtype)
         return 0.5 * p.value(self.hparam) * sq
+
+
+class ActivationPenalty:
+    """AR or TAR (Merity et al. 2017) on the outputs of selected modules, per example.
+
+    A forward hook collects the outputs only while the optimizer's training steps ask for them
+    (so a user's own forward passes keep no graph alive). In the linearized Δ-STN step the
+    collected output is the linearized one, primal + tangent.
+    """
+
+    def __init__(self, hparam: str, time_dim: int | None = None) -> None:
+        self.hparam = hparam
+        self.time_dim = time_dim
+        self.collecting = False
+        self.outputs: list[Tensor] = []
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.collecting or not module.training:
+            return
+        h = output[0] if isinstance(output, (tuple, list)) else output
+        if not torch.is_tensor(h):
+            raise PerturbationError(
+                f"activation penalty {self.hparam!r} got a {type(h).__name__} output; target a module "
+                "that returns a tensor (or a tuple whose first element is one), batch first"
+            )
+        primal, tangent = fwAD.unpack_dual(h)
+        self.outputs.append(primal if tangent is None else primal + tangent)
+
+    def __call__(self, p: Perturbation) -> Tensor:
+        total: Tensor | None = None
+        for h in self.outputs:
+            if self.time_dim is not None:
+                steps = h.shape[self.time_dim]
+                h = h.narrow(self.time_dim, 1, steps - 1) - h.narrow(self.time_dim, 0, steps - 1)
+            context.rows_for(h.shape[0], p.rows, f"activation penalty {self.hparam!r}")
+            per_example = h.pow(2).reshape(h.shape[0], -1).mean(1)
+            total = per_example if total is None else total + per_example
+        self.outputs.clear()
+        if total is None:
+            return torch.zeros(1, device=p.hparams.device, dtype=p.hparams.dtype)
+        return p.value(self.hparam) * total

@@ -107,7 +107,8 @@ class DropoutRate(HParam):
 
     ``targets`` selects dropout modules by path pattern or type (default: every dropout module
     no other spec claims). ``per_site=True`` gives each selected module its own hyperparameter,
-    named ``"<name>:<module path>"``.
+    named ``"<name>:<module path>"``. ``locked_dim`` makes it variational (locked) dropout: one
+    mask shared along that axis, e.g. ``locked_dim=1`` for the time axis of (B, T, F) sequences.
     """
 
     init: float = 0.05
@@ -115,9 +116,15 @@ class DropoutRate(HParam):
     high: float = 0.95
     targets: tuple[Target, ...] | None = field(default=None)
     per_site: bool = False
+    locked_dim: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.locked_dim is not None and (not isinstance(self.locked_dim, int) or self.locked_dim < 1):
+            raise SpecError(
+                f"DropoutRate: locked_dim={self.locked_dim!r} must be an axis >= 1 (the time axis of "
+                "batch-first sequences, e.g. 1), or None"
+            )
         if self.low < 0:
             raise SpecError(f"DropoutRate: low={self.low} must be >= 0")
         if self.high >= 1:
@@ -166,6 +173,88 @@ class WeightDecay(HParam):
         if self.low < 0:
             raise SpecError(f"WeightDecay: low={self.low} must be >= 0")
         object.__setattr__(self, "targets", _as_targets(self.targets))
+
+
+def _rate_bounds(kind: str, spec: HParam) -> None:
+    if spec.low < 0:
+        raise SpecError(f"{kind}: low={spec.low} must be >= 0")
+    if spec.high >= 1:
+        raise SpecError(f"{kind}: high={spec.high} must be < 1; at rate 1 everything is dropped")
+
+
+@dataclass(frozen=True)
+class DropConnect(HParam):
+    """DropConnect (Wan et al. 2013) on the weights of the selected hyper-layers.
+
+    A weight mask is shared by every example in a batch, so the rate is perturbed per batch.
+    ``targets`` defaults to every hyper-layer; for an LSTM it masks the hidden-to-hidden weights.
+    """
+
+    init: float = 0.05
+    low: float = 0.0
+    high: float = 0.95
+    perturb: Perturb = "batch"
+    targets: tuple[Target, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _rate_bounds("DropConnect", self)
+        if self.perturb != "batch":
+            raise SpecError(
+                "DropConnect: perturb must be 'batch' because one weight mask serves the whole batch"
+            )
+        object.__setattr__(self, "targets", _as_targets(self.targets))
+
+
+@dataclass(frozen=True)
+class EmbeddingDropout(HParam):
+    """Word dropout on embedding layers: drops whole word types per example (Gal & Ghahramani)."""
+
+    init: float = 0.05
+    low: float = 0.0
+    high: float = 0.95
+    targets: tuple[Target, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _rate_bounds("EmbeddingDropout", self)
+        object.__setattr__(self, "targets", _as_targets(self.targets))
+
+
+@dataclass(frozen=True)
+class ActivationRegularization(HParam):
+    """AR (Merity et al. 2017): ``α · mean(h²)`` of the selected modules' outputs, per example.
+
+    ``targets`` (required) selects the modules whose output h is penalised; a tuple output
+    (as from nn.LSTM) uses its first element. Batch-first outputs. Training loss only.
+    """
+
+    init: float = 1e-3
+    low: float = 0.0
+    high: float = math.inf
+    targets: tuple[Target, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.low < 0:
+            raise SpecError(f"{type(self).__name__}: low={self.low} must be >= 0")
+        if self.targets is None:
+            raise SpecError(
+                f"{type(self).__name__}: give targets=[...] naming the modules whose output is penalised"
+            )
+        object.__setattr__(self, "targets", _as_targets(self.targets))
+
+
+@dataclass(frozen=True)
+class TemporalActivationRegularization(ActivationRegularization):
+    """TAR: ``β · mean((h_t - h_{t-1})²)`` along ``time_dim`` of the selected outputs."""
+
+    time_dim: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.time_dim, int) or self.time_dim < 1:
+            raise SpecError(f"TemporalActivationRegularization: time_dim={self.time_dim!r} must be >= 1")
 
 
 def validate_specs(hparams: object) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 
 from .augment.base import Augmentation
 from .errors import WrapError
+from .layers.base import carry_hooks
 from .layers import (
     HyperConv1d,
     HyperConv2d,
@@ -25,7 +26,16 @@ from .layers import (
     HyperLayer,
     HyperLinear,
 )
-from .specs import DropoutRate, HParam, InputDropout, Target, WeightDecay
+from .specs import (
+    ActivationRegularization,
+    DropConnect,
+    DropoutRate,
+    EmbeddingDropout,
+    HParam,
+    InputDropout,
+    Target,
+    WeightDecay,
+)
 
 HYPER_LAYERS: dict[type[nn.Module], type[HyperLayer]] = {
     nn.Linear: HyperLinear,
@@ -52,6 +62,10 @@ def _matches(path: str, module: nn.Module, selectors: Sequence[Target]) -> bool:
         elif isinstance(module, sel):
             return True
     return False
+
+
+def _is_exact_path(selector: Target) -> bool:
+    return isinstance(selector, str) and not any(c in selector for c in "*?[")
 
 
 def _describe(path: str, module: nn.Module) -> str:
@@ -81,6 +95,10 @@ class SurgeryPlan:
     weight_decay: dict[str, list[str]] = field(default_factory=dict)
     input_dropout: str | None = None
     augmentations: list[tuple[str, Augmentation]] = field(default_factory=list)
+    # (hyper-layer path, attribute, hyperparameter name): weight regularizers read in the layer
+    layer_regularizers: list[tuple[str, str, str]] = field(default_factory=list)
+    # hyperparameter name -> paths of modules whose outputs it penalises (AR/TAR)
+    activation_penalties: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _sites(model: nn.Module) -> list[Site]:
@@ -140,9 +158,21 @@ def plan(
             if not hits:
                 continue
             matched_selectors.update(hits)
-            # Containers matched by a broad pattern are fine (their leaves decide), and dropout
-            # modules are governed by DropoutRate specs.
-            if not isinstance(module, layer_types) and (list(module.children()) or type(module) in DROPOUTS):
+            # A broad selection ("enc.*", nn.Linear) also meets containers, activations, norms,
+            # dropouts and MultiheadAttention's projections: they keep training as w₀ (dropouts
+            # are governed by DropoutRate specs). A module named by its exact path is meant,
+            # so it is checked below and refused if it cannot become a hyper-layer.
+            named = any(_is_exact_path(explicit[i]) for i in hits)
+            if not named and (not isinstance(module, layer_types) or _inside_attention(path, attention)):
+                continue
+            if named and not isinstance(module, layer_types):
+                if list(module.children()) or type(module) in DROPOUTS:
+                    continue
+                problems.append(
+                    f"{_describe(path, module)} was selected by targets (by its exact path) but only "
+                    f"{', '.join(t.__name__ for t in HYPER_LAYERS)} can become hyper-layers: remove it "
+                    "from targets"
+                )
                 continue
         elif not isinstance(module, layer_types) or _inside_attention(path, attention):
             # MultiheadAttention reads its projections' weights without calling them; they keep
@@ -260,6 +290,45 @@ def plan(
         result.specs[name] = spec
         if isinstance(spec, InputDropout):
             result.input_dropout = name
+        elif isinstance(spec, (DropConnect, EmbeddingDropout)):
+            kind = type(spec).__name__
+            allowed = [
+                site
+                for site in result.layers
+                if isinstance(spec, DropConnect) or isinstance(site.module, nn.Embedding)
+            ]
+            if spec.targets is None:
+                chosen = allowed
+            else:
+                chosen = [
+                    site for site in allowed if any(_matches(p, site.module, spec.targets) for p in site.paths)
+                ]
+            if not chosen:
+                what = "hyper-layer" if isinstance(spec, DropConnect) else "nn.Embedding hyper-layer"
+                problems.append(
+                    f"hparams[{name!r}] ({kind}) matches no {what}: check its targets"
+                )
+            attr = "dropconnect" if isinstance(spec, DropConnect) else "word_dropout"
+            for site in chosen:
+                taken = [n for p_, a, n in result.layer_regularizers if p_ == site.path and a == attr]
+                if taken:
+                    problems.append(
+                        f"{_describe(site.path, site.module)} gets {kind} from both hparams[{taken[0]!r}] "
+                        f"and hparams[{name!r}]: give each layer one"
+                    )
+                    continue
+                result.layer_regularizers.append((site.path, attr, name))
+        elif isinstance(spec, ActivationRegularization):
+            assert spec.targets is not None
+            paths = [
+                s.path for s in sites if any(_matches(p, s.module, spec.targets) for p in s.paths)
+            ]
+            if not paths:
+                problems.append(
+                    f"hparams[{name!r}] ({type(spec).__name__}) targets {list(spec.targets)} match no "
+                    "module: check the module paths"
+                )
+            result.activation_penalties[name] = paths
         elif isinstance(spec, WeightDecay):
             if spec.targets is None:
                 result.weight_decay[name] = [s.path for s in result.layers]
@@ -297,10 +366,18 @@ def apply(model: nn.Module, surgery: SurgeryPlan, num_hyper: int) -> nn.Module:
                 root = layer
             else:
                 set_submodule(model, path, layer)
+    for path, attr, hname in surgery.layer_regularizers:
+        layer = root if path == "" else root.get_submodule(path)
+        layer.__dict__[attr] = hname
     for site, hname in surgery.dropouts:
         module = site.module
-        drop = HyperDropout(hname, type(module), DROPOUTS[type(module)], site.path)
+        spec = surgery.specs[hname]
+        locked = spec.locked_dim if isinstance(spec, DropoutRate) else None
+        drop = HyperDropout(
+            hname, type(module), DROPOUTS[type(module)], site.path, locked, getattr(module, "inplace", False)
+        )
         drop.train(module.training)
+        carry_hooks(module, drop)
         for path in site.paths:
             set_submodule(model, path, drop)
     return root

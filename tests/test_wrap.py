@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -40,12 +41,18 @@ def tree(model: nn.Module) -> list[tuple[str, type]]:
     return [(p, type(m)) for p, m in model.named_modules(remove_duplicate=False)]
 
 
+def _frozen(v: torch.Tensor) -> Any:
+    if isinstance(v, nn.parameter.UninitializedTensorMixin):
+        return v  # nothing to copy; compared by identity
+    return v.detach().clone()
+
+
 def snapshot(model: nn.Module) -> dict[str, Any]:
     return {
         "tree": tree(model),
         "ids": [(p, id(m)) for p, m in model.named_modules(remove_duplicate=False)],
         "params": [(n, id(p)) for n, p in model.named_parameters(remove_duplicate=False)],
-        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "state": {k: _frozen(v) for k, v in model.state_dict(keep_vars=True).items()},
         "training": [m.training for m in model.modules()],
     }
 
@@ -57,7 +64,10 @@ def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
     assert after["params"] == before["params"]
     assert after["state"].keys() == before["state"].keys()
     for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), k
+        if isinstance(v, nn.parameter.UninitializedTensorMixin):
+            assert after["state"][k] is v, k
+        else:
+            assert torch.equal(after["state"][k], v), k
     assert after["training"] == before["training"]
 
 
@@ -106,7 +116,6 @@ def wrap_and_check(model: nn.Module, x: Any, hparams=None, shared: tuple[tuple[s
     hparams = hparams if hparams is not None else hparams_for(model)
 
     wrapped = HyperModel.wrap(model, hparams)
-    assert not wrapped.training  # the user's training flags are kept
     wrapped.eval()
     with torch.no_grad():
         out = wrapped(x)
@@ -123,7 +132,9 @@ def wrap_and_check(model: nn.Module, x: Any, hparams=None, shared: tuple[tuple[s
         objs = [wrapped.module.get_submodule(p) for p in group]
         assert all(o is objs[0] for o in objs), group
     # every Linear/Conv/Embedding of exact type became a hyper-layer; nothing else did
-    for (path, t), (_, m) in zip(types, wrapped.module.named_modules(remove_duplicate=False)):
+    after = dict(wrapped.module.named_modules(remove_duplicate=False))
+    for path, t in types:
+        m = after[path]
         if t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding):
             assert isinstance(m, HyperLayer) and isinstance(m, t) and m.base_class is t, path
         elif t in DROPOUT_TYPES:
@@ -440,6 +451,83 @@ def test_conv_response_is_the_documented_formula(cin, cout, bias, batch, seed):
     torch.testing.assert_close(out, expect, rtol=1e-10, atol=1e-10)
 
 
+@st.composite
+def single_layers(draw):
+    """One Linear / Conv1d-3d / Embedding with a random configuration and a batch for it."""
+    kind = draw(st.sampled_from(["linear", "conv", "embedding"]))
+    batch = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**16))
+    if kind == "linear":
+        fin, fout = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+        extra = draw(st.lists(st.integers(1, 3), max_size=2))  # (B, *extra, F) inputs
+        bias = draw(st.booleans())
+        torch.manual_seed(seed)
+        return nn.Linear(fin, fout, bias=bias).double(), torch.randn(batch, *extra, fin, dtype=torch.float64)
+    if kind == "embedding":
+        vocab, d = draw(st.integers(2, 8)), draw(st.integers(1, 5))
+        padding_idx = draw(st.one_of(st.none(), st.integers(0, vocab - 1)))
+        length = draw(st.lists(st.integers(1, 4), max_size=1))
+        torch.manual_seed(seed)
+        return nn.Embedding(vocab, d, padding_idx=padding_idx).double(), torch.randint(0, vocab, (batch, *length))
+    dim = draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([1, 2]))
+    cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dim))
+    use_same = draw(st.booleans())
+    stride = (1,) * dim if use_same else tuple(draw(st.integers(1, 2)) for _ in range(dim))
+    padding: Any = "same" if use_same else tuple(draw(st.integers(0, 2)) for _ in range(dim))
+    padding_mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    bias = draw(st.booleans())
+    size = tuple(draw(st.integers(5, 6)) for _ in range(dim))
+    torch.manual_seed(seed)
+    conv = CONVS[dim](
+        cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        bias=bias, padding_mode=padding_mode,
+    ).double()
+    return conv, torch.randn(batch, cin, *size, dtype=torch.float64)
+
+
+@given(single_layers(), st.integers(1, 3), st.integers(0, 2**16))
+def test_layer_at_delta_is_the_plain_layer_with_modulated_weights(layer_x, h, seed):
+    """Per example i: W(δλ_i) = W₀ + diag(s_w) W_resp (columns for Embedding), b = b₀ + s_b ⊙ b_resp."""
+    layer, x = layer_x
+    reference = copy.deepcopy(layer)
+    hparams = {f"h{j}": HParam(init=0.0) for j in range(h)}
+    wrapped = HyperModel.wrap(layer, hparams)
+    hl = wrapped.module
+    assert isinstance(hl, HyperLayer)
+    randomize_projections(wrapped)
+    g = torch.Generator().manual_seed(seed)
+    delta = torch.randn(x.shape[0], h, generator=g, dtype=torch.float64)
+    wrapped.eval()
+    with torch.no_grad(), wrapped.evaluated_at(point(wrapped, delta)):
+        out = wrapped(x)
+    with torch.no_grad():
+        s = delta @ hl.hyper_projection.weight.T
+        n = hl.weight.shape[hl.modulated_dim]
+        for i in range(x.shape[0]):
+            shape = [1] * hl.weight.dim()
+            shape[hl.modulated_dim] = n
+            reference.weight.copy_(hl.weight + s[i, :n].reshape(shape) * hl.response_weight)
+            if getattr(reference, "bias", None) is not None:
+                reference.bias.copy_(hl.bias + s[i, n:] * hl.response_bias)
+            torch.testing.assert_close(out[i : i + 1], reference(x[i : i + 1]), rtol=1e-10, atol=1e-10)
+
+
+def test_forward_hooks_survive_wrap_and_unwrap():
+    calls: list[str] = []
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1), nn.Linear(3, 1))
+    model[0].register_forward_hook(lambda m, i, o: calls.append("post"))
+    model[0].register_forward_pre_hook(lambda m, i: calls.append("pre"))
+    wrapped = HyperModel.wrap(model, {"d": DropoutRate()})
+    wrapped(torch.randn(2, 3))
+    assert calls == ["pre", "post"]
+    plain = wrapped.unwrap()
+    plain(torch.randn(2, 3))
+    assert calls == ["pre", "post", "pre", "post"]
+
+
 def test_embedding_padding_row_does_not_respond():
     torch.manual_seed(0)
     model = EmbedNet(6, 4, padding_idx=2, out=3).double()
@@ -448,7 +536,7 @@ def test_embedding_padding_row_does_not_respond():
     emb = wrapped.module.emb
     tokens = torch.tensor([[2, 2, 2], [2, 0, 1]])
     delta = torch.randn(2, 1, dtype=torch.float64)
-    with torch.no_grad(), wrapped.evaluated_at(point(wrapped, delta)):
+    with torch.no_grad(), hypertune.context.active(point(wrapped, delta)):
         out = emb(tokens)
     assert torch.equal(out[0], emb.weight[2].expand(3, -1))
     assert not torch.allclose(out[1, 1:], emb.weight[[0, 1]])
@@ -536,6 +624,14 @@ def test_unwrap_dropout_keeps_class_rate_and_mode(drop_cls, training):
     assert plain[1].training == training
 
 
+@pytest.mark.parametrize("drop_cls", [nn.Dropout, nn.Dropout2d])
+def test_unwrap_dropout_keeps_inplace_flag(drop_cls):
+    model = nn.Sequential(nn.Linear(3, 3), drop_cls(0.5, inplace=True), nn.Linear(3, 1))
+    plain = HyperModel.wrap(model, {"d": DropoutRate()}).unwrap()
+    assert type(plain[1]) is drop_cls
+    assert plain[1].inplace is True
+
+
 def test_per_site_dropout_names_and_unwrap():
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(), nn.Linear(3, 3), nn.Dropout2d(), nn.Linear(3, 1))
     wrapped = HyperModel.wrap(model, {"d": DropoutRate(per_site=True)})
@@ -559,7 +655,9 @@ def test_input_dropout_becomes_forward_pre_hook():
     x = torch.ones(40, 50)
     wrapped.train()
     out = wrapped(x)
-    assert set(out.unique().tolist()) <= {0.0, pytest.approx(1 / (1 - rate))}
+    kept = out[out != 0]
+    assert 0 < kept.numel() < out.numel()
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - rate)))
     plain = wrapped.unwrap()
     hooks = list(plain._forward_pre_hooks.values())
     assert len(hooks) == 1 and getattr(hooks[0], "rate", None) == rate
@@ -571,6 +669,17 @@ def test_input_dropout_becomes_forward_pre_hook():
     torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - rate)))
     plain.eval()
     assert torch.equal(plain(x), x)
+
+
+def test_wrap_keeps_the_models_training_flag():
+    # wrap is in place and keeps every module's flag; the HyperModel should agree with them, or
+    # InputDropout (which HyperModel.forward gates on its own flag) runs on an eval-mode model
+    model = mlp_with_dropout().eval()
+    wrapped = HyperModel.wrap(model, {"inp": InputDropout(init=0.5)})
+    assert wrapped.training is False
+    x = torch.ones(4, 4)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), wrapped.module(x))
 
 
 def test_input_dropout_only_in_training():
@@ -588,14 +697,14 @@ def test_input_dropout_only_in_training():
 class Named(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.enc = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.enc = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8))
         self.conv = nn.Conv1d(1, 2, 3, padding=1)
         self.emb = nn.Embedding(5, 8)
         self.head = nn.Linear(16, 2)
         self.drop = nn.Dropout(0.1)
 
     def forward(self, x):
-        h = self.drop(self.enc(x))  # (B, 8)
+        h = self.drop(torch.relu(self.enc(x)))  # (B, 8)
         c = self.conv(h.unsqueeze(1)).mean(1)  # (B, 8)
         return self.head(torch.cat([h, c + self.emb.weight[0]], -1))
 
@@ -603,18 +712,18 @@ class Named(nn.Module):
 @pytest.mark.parametrize(
     "kwargs, expected",
     [
-        ({}, {"enc.0", "enc.2", "conv", "emb", "head"}),
-        (dict(targets=["enc.*"]), {"enc.0", "enc.2"}),
+        ({}, {"enc.0", "enc.1", "conv", "emb", "head"}),
+        (dict(targets=["enc.*"]), {"enc.0", "enc.1"}),
         (dict(targets=["enc.0", "head"]), {"enc.0", "head"}),
         (dict(targets=[nn.Conv1d]), {"conv"}),
         (dict(targets=[nn.Embedding, "head"]), {"emb", "head"}),
-        (dict(targets=["*"]), {"enc.0", "enc.2", "conv", "emb", "head"}),
-        (dict(exclude=["head"]), {"enc.0", "enc.2", "conv", "emb"}),
+        (dict(targets=["*"]), {"enc.0", "enc.1", "conv", "emb", "head"}),
+        (dict(exclude=["head"]), {"enc.0", "enc.1", "conv", "emb"}),
         (dict(exclude=["enc*"]), {"conv", "emb", "head"}),
         (dict(exclude=[nn.Linear]), {"conv", "emb"}),
         (dict(exclude=[nn.Linear, nn.Embedding]), {"conv"}),
-        (dict(targets=["enc.*"], exclude=["enc.2"]), {"enc.0"}),
-        (dict(targets=[nn.Linear], exclude=["enc.0"]), {"enc.2", "head"}),
+        (dict(targets=["enc.*"], exclude=["enc.1"]), {"enc.0"}),
+        (dict(targets=[nn.Linear], exclude=["enc.0"]), {"enc.1", "head"}),
     ],
 )
 def test_targets_and_exclude_select_exactly(kwargs, expected):
@@ -627,11 +736,12 @@ def test_targets_and_exclude_select_exactly(kwargs, expected):
     types = dict(tree(model))
     wrapped = HyperModel.wrap(model, {"d": DropoutRate()}, **kwargs)
     assert set(wrapped.hyper_layers()) == expected
-    for path, m in wrapped.module.named_modules():
+    for path, t in types.items():
+        m = wrapped.module.get_submodule(path)
         if path in expected:
-            assert isinstance(m, HyperLayer)
+            assert isinstance(m, HyperLayer) and m.base_class is t
         elif path != "drop":
-            assert type(m) is types[path], path
+            assert type(m) is t, path
     wrapped.eval()
     with torch.no_grad():
         assert torch.equal(wrapped(x), ref)
@@ -644,12 +754,20 @@ def test_weight_decay_targets_select_modules():
     )
     pen = {p.hparam: p for p in wrapped._penalties}
     assert [l.hyper_path for l in pen["wd_head"].layers] == ["head"]
-    assert {l.hyper_path for l in pen["wd_all"].layers} == {"enc.0", "enc.2", "head"}
+    assert {l.hyper_path for l in pen["wd_all"].layers} == {"enc.0", "enc.1", "head"}
     # penalty at δλ=0 is c/2 * ||w||^2 of the targeted weights
     p = wrapped.current_point()
     c = wrapped.hparam_values()["wd_head"]
     expect = 0.5 * c * model.head.weight.pow(2).sum()
     torch.testing.assert_close(pen["wd_head"](p), expect.reshape(1))
+
+
+def test_weight_decay_can_target_unwrapped_modules():
+    model = Named()
+    wrapped = HyperModel.wrap(model, {"wd": WeightDecay(targets=["conv"], include_bias=True)}, targets=["enc.*"])
+    (pen,) = wrapped._penalties
+    assert pen.layers == []
+    assert pen.plain == [model.conv.weight, model.conv.bias]
 
 
 class WithAttention(nn.Module):

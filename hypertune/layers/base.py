@@ -40,6 +40,14 @@ _HOOK_DICTS = (
 M = TypeVar("M", bound=nn.Module)
 
 
+def carry_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` copies of ``source``'s hook registries, so a user's hooks survive a swap."""
+    for attr in _HOOK_DICTS:
+        if attr.endswith("hooks") or attr.endswith("hooks_with_kwargs") or attr.endswith("always_called"):
+            if attr in source.__dict__:
+                target.__dict__[attr] = copy.copy(source.__dict__[attr])
+
+
 def swap_class(module: nn.Module, cls: type[M]) -> M:
     """A shallow copy of ``module`` of class ``cls`` holding the *same* Parameter objects.
 
@@ -71,6 +79,8 @@ class HyperLayer(nn.Module):
     response_bias: nn.Parameter | None
     hyper_projection: nn.Linear
     hyper_path: str
+    # Instance attributes naming the hyperparameter of a weight regularizer, set by surgery.
+    regularizer_attributes: tuple[str, ...] = ("dropconnect",)
 
     # ---- construction and undoing -------------------------------------------------------
     @classmethod
@@ -86,7 +96,8 @@ class HyperLayer(nn.Module):
         for name in ("response_weight", "response_bias"):
             plain._parameters.pop(name, None)
         plain._modules.pop("hyper_projection", None)
-        plain.__dict__.pop("hyper_path", None)
+        for attr in ("hyper_path", *self.regularizer_attributes):
+            plain.__dict__.pop(attr, None)
         return plain
 
     @property
@@ -124,10 +135,13 @@ class HyperLayer(nn.Module):
         return params
 
     # ---- the math ----------------------------------------------------------------------
-    def base_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def base_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # pragma: no cover
+        """The replaced module's computation with the given w₀ weights."""
         raise NotImplementedError
 
-    def response(self, x: Tensor, s_w: Tensor, s_b: Tensor | None) -> Tensor:  # pragma: no cover
+    def response(
+        self, x: Tensor, s_w: Tensor, s_b: Tensor | None, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:  # pragma: no cover
         """Θ's contribution ``s_w ⊙ (W_resp x) + s_b ⊙ b_resp``; s has shape (R, modulated)."""
         raise NotImplementedError
 
@@ -135,18 +149,36 @@ class HyperLayer(nn.Module):
         n = self.modulated_size
         return s[:, :n], (s[:, n:] if self.response_bias is not None else None)
 
+    def _weights(
+        self, p: context.Perturbation | None
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """(W₀, b₀, W_resp, b_resp) for this pass; DropConnect masks W(δλ) as a whole.
+
+        A weight mask is shared by every example, so DropConnect is drawn once per batch at
+        the batch's rate (its spec is per-batch).
+        """
+        w, b = self.weight, getattr(self, "bias", None)
+        wr, br = self.response_weight, self.response_bias
+        name = self.__dict__.get("dropconnect")
+        if name is not None and self.training and p is not None:
+            keep = 1.0 - p.value(name)[0].detach().to(w.dtype)
+            mask = (torch.rand(w.shape, device=w.device, dtype=w.dtype) < keep).to(w.dtype) / keep
+            w, wr = w * mask, wr * mask
+        return w, b, wr, br
+
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_forward(x)
         p = context.current()
+        w, b, wr, br = self._weights(p)
+        out = self.base_forward(x, w, b)
         if p is None or p.response_input is None:
             return out
         s_w, s_b = self.split(self.hyper_projection(p.response_input))
         if not p.linearize:
-            return out + self.response(x, s_w, s_b)
+            return out + self.response(x, s_w, s_b, wr, br)
         # Δ-STN: the primal stays w₀'s output, Θ δλ enters only the tangent, so the primal path
         # never touches Θ and needs no graph.
         primal, tangent = fwAD.unpack_dual(out)
-        delta = self.response(fwAD.unpack_dual(x).primal, s_w, s_b)
+        delta = self.response(fwAD.unpack_dual(x).primal, s_w, s_b, wr, br)
         return fwAD.make_dual(primal, delta if tangent is None else tangent + delta)
 
     def weight_sq_norm(self, response_input: Tensor | None, include_bias: bool = False) -> Tensor:

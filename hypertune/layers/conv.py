@@ -10,21 +10,23 @@ from .base import HyperLayer, row_view
 class _HyperConv(HyperLayer):
     spatial_dims: int
 
-    def base_forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.weight, self.bias)  # type: ignore[attr-defined]
+    def base_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
-    def response(self, x: Tensor, s_w: Tensor, s_b: Tensor | None) -> Tensor:
+    def response(
+        self, x: Tensor, s_w: Tensor, s_b: Tensor | None, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
         # Modulating output channels commutes with the convolution: scale W_resp * x per channel.
-        out = self._conv_forward(x, self.response_weight, None)  # type: ignore[attr-defined]
+        out = self._conv_forward(x, weight, None)  # type: ignore[attr-defined]
         batched = x.dim() == self.spatial_dims + 2
         channel_dim = 1 if batched else 0
         where = f"{type(self).__name__} '{self.hyper_path}'"
         out = out * row_view(s_w, out.dim(), channel_dim, batched, x.shape[0], where)
-        if s_b is not None and self.response_bias is not None:
+        if s_b is not None and bias is not None:
             sb = row_view(s_b, out.dim(), channel_dim, batched, x.shape[0], where)
             shape = [1] * out.dim()
             shape[channel_dim] = -1
-            out = out + sb * self.response_bias.reshape(shape)
+            out = out + sb * bias.reshape(shape)
         return out
 
 

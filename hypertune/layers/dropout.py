@@ -11,12 +11,20 @@ import torch
 
 from .. import context
 from ..errors import PerturbationError
+from .base import carry_hooks
 
 
-def dropout_per_example(x: Tensor, rate: Tensor, shared_trailing_dims: int = 0, where: str = "dropout") -> Tensor:
+def dropout_per_example(
+    x: Tensor,
+    rate: Tensor,
+    shared_trailing_dims: int = 0,
+    where: str = "dropout",
+    locked_dim: int | None = None,
+) -> Tensor:
     """Inverted dropout of ``x`` with rate ``rate[i]`` for example ``i`` (rate shape (R,), R ∈ {1, B}).
 
-    ``shared_trailing_dims`` trailing axes share one mask entry (channel dropout: 1, 2 or 3).
+    ``shared_trailing_dims`` trailing axes share one mask entry (channel dropout: 1, 2 or 3);
+    ``locked_dim`` shares the mask along one more axis (variational dropout over time).
     The rate carries no gradient: regularizers reach λ through the response path only.
     """
     rate = rate.detach().to(x.dtype)
@@ -24,6 +32,13 @@ def dropout_per_example(x: Tensor, rate: Tensor, shared_trailing_dims: int = 0, 
     rows = rate.shape[0]
     context.rows_for(x.shape[0] if batched else 1, rows, where)
     mask_shape = list(x.shape[: x.dim() - shared_trailing_dims]) + [1] * shared_trailing_dims
+    if locked_dim is not None:
+        if not batched or locked_dim >= x.dim():
+            raise PerturbationError(
+                f"{where}: locked_dim={locked_dim} needs a batched input with that axis, got shape "
+                f"{tuple(x.shape)}"
+            )
+        mask_shape[locked_dim] = 1
     keep = (1.0 - rate).reshape([rows] + [1] * (x.dim() - 1))
     mask = torch.rand(mask_shape, device=x.device, dtype=x.dtype) < keep
     return x * mask / keep
@@ -32,9 +47,19 @@ def dropout_per_example(x: Tensor, rate: Tensor, shared_trailing_dims: int = 0, 
 class HyperDropout(nn.Module):
     """Replaces nn.Dropout/Dropout1d/2d/3d; reads its rate from the active perturbation."""
 
-    def __init__(self, hparam: str, base_class: type[nn.Module], shared_trailing_dims: int, path: str = "") -> None:
+    def __init__(
+        self,
+        hparam: str,
+        base_class: type[nn.Module],
+        shared_trailing_dims: int,
+        path: str = "",
+        locked_dim: int | None = None,
+        inplace: bool = False,
+    ) -> None:
         super().__init__()
         self.hparam = hparam
+        self.locked_dim = locked_dim
+        self.inplace = inplace  # kept only to give it back on unwrap
         self.base_class = base_class
         self.shared_trailing_dims = shared_trailing_dims
         self.hyper_path = path
@@ -49,13 +74,21 @@ class HyperDropout(nn.Module):
                 "call the wrapped model rather than its inner module"
             )
         return dropout_per_example(
-            x, p.value(self.hparam), self.shared_trailing_dims, f"HyperDropout '{self.hyper_path}'"
+            x,
+            p.value(self.hparam),
+            self.shared_trailing_dims,
+            f"HyperDropout '{self.hyper_path}'",
+            self.locked_dim,
         )
 
     def to_module(self, rate: float) -> nn.Module:
-        plain = self.base_class(p=rate)
+        """The plain dropout at the tuned rate (a locked mask has no torch module: its eval
+        behaviour, the identity, is the same)."""
+        plain = self.base_class(p=rate, inplace=self.inplace)
         plain.train(self.training)
+        carry_hooks(self, plain)
         return plain
 
     def extra_repr(self) -> str:
-        return f"hparam={self.hparam!r}, like={self.base_class.__name__}"
+        locked = f", locked_dim={self.locked_dim}" if self.locked_dim is not None else ""
+        return f"hparam={self.hparam!r}, like={self.base_class.__name__}{locked}"

@@ -11,15 +11,17 @@ from .base import HyperLayer, row_view
 class HyperLinear(HyperLayer, nn.Linear):
     base_class = nn.Linear
 
-    def base_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def base_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
 
-    def response(self, x: Tensor, s_w: Tensor, s_b: Tensor | None) -> Tensor:
+    def response(
+        self, x: Tensor, s_w: Tensor, s_b: Tensor | None, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
         batched = x.dim() >= 2
         where = f"HyperLinear '{self.hyper_path}'"
-        out = F.linear(x, self.response_weight) * row_view(
+        out = F.linear(x, weight) * row_view(
             s_w, x.dim(), -1, batched, x.shape[0], where
         )
-        if s_b is not None and self.response_bias is not None:
-            out = out + row_view(s_b, x.dim(), -1, batched, x.shape[0], where) * self.response_bias
+        if s_b is not None and bias is not None:
+            out = out + row_view(s_b, x.dim(), -1, batched, x.shape[0], where) * bias
         return out

@@ -344,7 +344,11 @@ class DeltaSTNOptimizer:
         hm = self.hyper_model
         point = hm.current_point()
         stats = _running_stats(hm)
-        with _no_grad_for(self._response_params + self._hyper_params), hm.evaluated_at(point):
+        with (
+            _no_grad_for(self._response_params + self._hyper_params),
+            hm.evaluated_at(point),
+            hm.collecting_activations(),
+        ):
             out = self.model(*args, **kwargs)
             data_loss, total = self._objective(out, target, loss_fn, point)
             taken = self._update(total, self._base_params, [self.optimizer], "w₀ step", stats)
@@ -366,6 +370,7 @@ class DeltaSTNOptimizer:
             _no_grad_for(self._base_params + self._hyper_params),
             _running_stats_frozen(hm),
             hm.evaluated_at(point),
+            hm.collecting_activations(),
         ):
             if point.linearize:
                 out = linearized_call(lambda: self.model(*args, **kwargs))
@@ -380,7 +385,7 @@ class DeltaSTNOptimizer:
         point = self._perturbed_point(rows, linearize=False)
         self._follow_lr()
         stats = _running_stats(hm)
-        with _no_grad_for(self._hyper_params), hm.evaluated_at(point):
+        with _no_grad_for(self._hyper_params), hm.evaluated_at(point), hm.collecting_activations():
             out = self.model(*args, **kwargs)
             data_loss, total = self._objective(out, target, loss_fn, point)
             taken = self._update(

@@ -25,6 +25,7 @@ best response a degree-``degree`` polynomial in λ instead of an affine one::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -191,7 +192,8 @@ class GlobalBestResponse:
         model.train()
         try:
             optimizer.zero_grad(set_to_none=True)
-            with model.evaluated_at(point):
+            collecting = getattr(model, "collecting_activations", None)  # AR/TAR hooks
+            with model.evaluated_at(point), (collecting() if collecting else contextlib.nullcontext()):
                 out = model(*args)
                 loss = loss_fn(out, target)
                 penalty = model.training_penalty(point)

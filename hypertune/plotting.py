@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 _TITLES = {
     "dropout": "Dropout rates",
     "input_dropout": "Dropout rates",
+    "dropconnect": "Dropout rates",
+    "embedding_dropout": "Dropout rates",
     "weight_decay": "Weight decay",
+    "activation_penalty": "Activation regularization",
 }
 
 
@@ -46,7 +49,8 @@ def group_hparams(
 ) -> dict[str, list[str]]:
     """Panels of the schedule plot: title -> names, in first-seen order.
 
-    All dropout rates (input dropout included) share a panel, weight decays share one, each
+    All dropout rates (input, DropConnect and word dropout included) share a panel, weight
+    decays share one, AR/TAR coefficients share one, each
     augmentation's sub-values share one (``"Augmentation: cutout"``), and every other value gets
     its own. Kinds come from ``specs`` (``model.hparams.specs``), else ``kinds``, else the names.
     """
@@ -164,9 +168,10 @@ def plot_schedule(
                 lo, hi = _band(spec, values[n], scales[n])
                 if lo is not None:
                     ax.fill_between(xs, lo, hi, color=color, alpha=0.12, linewidth=0, step="post")
-            is_log = (spec is not None and (spec.log or spec_kind(n, spec) == "weight_decay")) or (
-                spec is None and (kinds or {}).get(n, guess_kind(n)) == "weight_decay"
-            )
+            if spec is not None:
+                is_log = _tuned_on_log_scale(spec)
+            else:
+                is_log = (kinds or {}).get(n, guess_kind(n)) in ("weight_decay", "activation_penalty")
             log_axis = log_axis and is_log and min(values[n]) > 0
         if log_axis:
             ax.set_yscale("log")
@@ -203,6 +208,14 @@ def plot_schedule(
     if path is not None:
         fig.savefig(str(path))
     return fig
+
+
+def _tuned_on_log_scale(spec: Any) -> bool:
+    """Log-scale specs and positive ones tuned as exp(u) (weight decay, AR/TAR) get a log axis."""
+    from .transforms import ShiftedExp
+
+    transform = spec.transform
+    return bool(spec.log) or (isinstance(transform, ShiftedExp) and transform.low == 0)
 
 
 def _band(spec: Any, values: Sequence[float], scales: Sequence[float]) -> tuple[list[float] | None, list[float] | None]:

@@ -46,22 +46,37 @@ if TYPE_CHECKING:
 
 _FORMAT = "hypertune.Schedule"
 _VERSION = 1
-# What a hyperparameter is, which decides how a replay applies it.
-KINDS = ("dropout", "input_dropout", "weight_decay", "augmentation", "hparam")
+# What a hyperparameter is, which decides how a replay applies it (the first three) and which
+# panel of the schedule plot it goes to.
+KINDS = (
+    "dropout",
+    "input_dropout",
+    "weight_decay",
+    "dropconnect",
+    "embedding_dropout",
+    "activation_penalty",
+    "augmentation",
+    "hparam",
+)
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
 def spec_kind(name: str, spec: Any) -> str:
-    """The kind of one tuned value: ``dropout``, ``input_dropout``, ``weight_decay``,
-    ``augmentation`` (a sub-value ``"<aug>:<sub>"`` of an Augmentation) or ``hparam``."""
-    from .specs import DropoutRate, InputDropout, WeightDecay
+    """The kind of one tuned value (one of :data:`KINDS`); ``augmentation`` is a sub-value
+    ``"<aug>:<sub>"`` of an Augmentation, ``hparam`` a generic :class:`~hypertune.HParam`."""
+    from . import specs as s
 
-    if isinstance(spec, InputDropout):
-        return "input_dropout"
-    if isinstance(spec, DropoutRate):
-        return "dropout"
-    if isinstance(spec, WeightDecay):
-        return "weight_decay"
+    table = [
+        (s.InputDropout, "input_dropout"),
+        (s.DropoutRate, "dropout"),
+        (s.WeightDecay, "weight_decay"),
+        (getattr(s, "DropConnect", None), "dropconnect"),
+        (getattr(s, "EmbeddingDropout", None), "embedding_dropout"),
+        (getattr(s, "ActivationRegularization", None), "activation_penalty"),
+    ]
+    for cls, kind in table:
+        if cls is not None and isinstance(spec, cls):
+            return kind
     if ":" in name:
         return "augmentation"
     return "hparam"
@@ -72,10 +87,16 @@ def guess_kind(name: str) -> str:
     base = name.split(":")[0].lower()
     if "input" in base and "drop" in base:
         return "input_dropout"
+    if "connect" in base:
+        return "dropconnect"
+    if ("embed" in base or "word" in base) and "drop" in base:
+        return "embedding_dropout"
     if "drop" in base:
         return "dropout"
     if "decay" in base or base in ("wd", "l2"):
         return "weight_decay"
+    if base in ("ar", "tar", "alpha", "beta") or "activation" in base:
+        return "activation_penalty"
     return "augmentation" if ":" in name else "hparam"
 
 
@@ -306,8 +327,9 @@ class ScheduleReplayer:
       (SGD, Adam, RMSprop) adds ``c·w`` to the gradient, the same as Δ-STN's ``c/2·‖w‖²`` loss
       term; decoupled AdamW is *not* the same — add :meth:`penalty` to the loss instead;
 
-    and returns all current values, so values it cannot place (``unapplied``: augmentation and
-    generic ``HParam`` values) can be used by the caller.
+    and returns all current values, so values it cannot place (``unapplied``: DropConnect, word
+    dropout, AR/TAR coefficients, augmentation and generic ``HParam`` values, which have no plain
+    torch module form) can be used by the caller.
 
     Args:
         schedule: the schedule, with ``meta`` saying where values act (JSON keeps it).

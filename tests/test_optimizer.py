@@ -249,3 +249,29 @@ def test_model_mode_is_restored():
     model.train()
     opt.val_step(*_batch(0), F.cross_entropy)
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_response_every_skips_theta_steps_and_fraction_takes_leading_rows():
+    model = ht.HyperModel.wrap(_net(0), {"drop": ht.DropoutRate(init=0.2)})
+    opt = ht.DeltaSTNOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.05), response_every=2, response_fraction=0.25
+    )
+    seen = []
+    original = opt._response_step
+
+    def spy(args, kwargs, target, loss_fn, rows):
+        seen.append((args[0].shape[0], target.shape[0], rows))
+        return original(args, kwargs, target, loss_fn, rows)
+
+    opt._response_step = spy  # type: ignore[method-assign]
+    theta = [p.detach().clone() for p in model.response_parameters()]
+    r0 = opt.train_step(*_batch(0, n=32), F.cross_entropy)
+    assert seen == [(8, 8, 8)] and r0.response_loss is not None
+    theta1 = [p.detach().clone() for p in model.response_parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(theta, theta1))
+    r1 = opt.train_step(*_batch(1, n=32), F.cross_entropy)
+    assert len(seen) == 1 and r1.response_loss is None
+    assert all(torch.equal(a, p) for a, p in zip(theta1, model.response_parameters()))
+    for bad in ({"response_every": 0}, {"response_fraction": 0.0}, {"response_fraction": 1.5}):
+        with pytest.raises(ht.HyperTuneError):
+            ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), **bad)

@@ -5,7 +5,8 @@ Subclass :class:`DeltaSTNModule`, give it the wrapped model, a loss and, as usua
 Each training batch runs ``DeltaSTNOptimizer.train_step``; every ``tune_every`` batches a
 validation batch runs ``val_step`` (the λ, σ step). λ, σ and the losses are logged through
 ``self.log`` (so through whatever logger the Trainer has) as ``hparam/<name>``,
-``sigma/<name>``, ``train/loss``, ``train/response_loss`` and ``tune/loss``::
+``sigma/<name>``, ``train/loss``, ``train/response_loss`` and ``tune/loss`` (the loss of the
+latest λ step; Lightning repeats it on the steps in between)::
 
     class Net(DeltaSTNModule):
         def __init__(self):

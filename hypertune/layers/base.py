@@ -169,17 +169,23 @@ class HyperLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         p = context.current()
         w, b, wr, br = self._weights(p)
-        out = self.base_forward(x, w, b)
+        if p is not None and p.linearize and p.response_input is not None:
+            out = self.base_forward(fwAD.unpack_dual(x).primal, w, b)
+        else:
+            out = self.base_forward(x, w, b)
         if p is None or p.response_input is None:
             return out
         s_w, s_b = self.split(self.hyper_projection(p.response_input))
         if not p.linearize:
             return out + self.response(x, s_w, s_b, wr, br)
         # Δ-STN: the primal stays w₀'s output, Θ δλ enters only the tangent, so the primal path
-        # never touches Θ and needs no graph.
-        primal, tangent = fwAD.unpack_dual(out)
-        delta = self.response(fwAD.unpack_dual(x).primal, s_w, s_b, wr, br)
-        return fwAD.make_dual(primal, delta if tangent is None else tangent + delta)
+        # never touches Θ and needs no graph. The layer's own tangent is written out rather than
+        # left to forward AD, whose addmm/conv rules also multiply by the weight's (zero) tangent.
+        x_p, x_t = fwAD.unpack_dual(x)
+        tangent = self.response(x_p, s_w, s_b, wr, br)
+        if x_t is not None:
+            tangent = tangent + self.base_forward(x_t, w, None)
+        return fwAD.make_dual(out, tangent)
 
     def weight_sq_norm(self, response_input: Tensor | None, include_bias: bool = False) -> Tensor:
         """||w(δλ)||² per perturbation row (shape (R,)), in closed form from the row structure."""

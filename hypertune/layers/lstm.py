@@ -44,90 +44,278 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, _VF, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import context
 from ..errors import HyperTuneError, PerturbationError
 from .base import HyperLayer, swap_class
 
-__all__ = ["HyperLSTM", "set_cell_backend"]
+__all__ = ["HyperLSTM"]
 
-_Cell = Callable[..., tuple[Tensor, Tensor]]
-
-
-# ---- the per-step cells (the only Python-level work inside the time loops) --------------------
-def _cell(a: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """LSTM cell on pre-activations whose rows are ordered (i, f, o, g) — see ``_IFOG``."""
-    n = c.shape[-1]
-    ifo = torch.sigmoid(a[:, : 3 * n])
-    g = torch.tanh(a[:, 3 * n :])
-    c = torch.addcmul(ifo[:, n : 2 * n] * c, ifo[:, :n], g)
-    return ifo[:, 2 * n :] * torch.tanh(c), c
+# ---- matrix products ----------------------------------------------------------------------------
+# On CPU, float32 products go through oneDNN's matmul, as nn.LSTM's own kernel does: for the
+# small-batch products of one time step it was 2-3× faster than torch.mm's BLAS on the machine
+# this was tuned on. The op is private to torch, so it is probed once and dropped on any failure.
+_ONEDNN: dict[str, bool] = {}
 
 
-def _tangent_cell(da: Tensor, k: Tensor, f: Tensor, od: Tensor, dc: Tensor) -> tuple[Tensor, Tensor]:
-    """One step of the tangent recurrence (natural i, f, g, o order), see ``_tangent_direction``."""
-    n = dc.shape[-1]
-    v = da * k
-    dc = v[:, :n] + v[:, n : 2 * n] + v[:, 2 * n : 3 * n] + f * dc
-    return torch.addcmul(v[:, 3 * n :], od, dc), dc
-
-
-_CELLS: dict[str, tuple[_Cell, _Cell]] = {"eager": (_cell, _tangent_cell)}
-_BACKEND = "eager"
-
-
-def set_cell_backend(backend: str) -> str:
-    """Choose how the per-step cells run: ``"eager"`` (default) or ``"compile"``.
-
-    ``"compile"`` fuses each cell's pointwise ops (forward and backward) with torch.compile. On a
-    2-core CPU it did not pay (see benchmarks/lstm_speed.py); it is kept for GPUs, where one
-    fused kernel per step replaces about ten. If torch.compile is unavailable or fails on first
-    use the cells fall back to eager. Returns the previous backend.
-    """
-    global _BACKEND
-    if backend not in ("eager", "compile"):
-        raise HyperTuneError(f"cell backend {backend!r}: choose 'eager' or 'compile'")
-    if backend == "compile" and "compile" not in _CELLS:
-        _CELLS["compile"] = (_guarded_compile(_cell, 0), _guarded_compile(_tangent_cell, 1))
-    previous, _BACKEND = _BACKEND, backend
-    return previous
-
-
-def _guarded_compile(fn: _Cell, which: int) -> _Cell:
-    try:
-        compiled = torch.compile(fn, dynamic=False)
-    except Exception:  # pragma: no cover - torch.compile missing on this platform
-        return fn
-    state = {"fn": compiled}
-
-    def run(*args: Tensor) -> tuple[Tensor, Tensor]:
+def _onednn(x: Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    ok = _ONEDNN.get("ok")
+    if ok is None:
         try:
-            return state["fn"](*args)
-        except Exception:  # pragma: no cover - no compiler toolchain: keep going eagerly
-            state["fn"] = fn
-            eager = list(_CELLS["compile"])
-            eager[which] = fn
-            _CELLS["compile"] = (eager[0], eager[1])
-            return fn(*args)
+            probe = torch.ones(2, 3)
+            packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 3), 2)
+            ok = bool(
+                torch.backends.mkldnn.is_available()
+                and torch.equal(torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], ""), torch.full((2, 4), 3.0))
+                and torch.equal(torch.ops.mkldnn._linear_pointwise(probe, torch.ones(4, 3), None, "none", [], ""), torch.full((2, 4), 3.0))
+            )
+        except Exception:
+            ok = False
+        _ONEDNN["ok"] = ok
+    return ok
 
-    return run
+
+def _mm_t(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` for 2-D x, w, without autograd."""
+    if _onednn(x):
+        try:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), None, "none", [], "")
+        except Exception:  # pragma: no cover - op present but unusable here
+            _ONEDNN["ok"] = False
+    return torch.mm(x, w.t())
 
 
-def _ifog(rows: int, device: torch.device) -> Tensor:
-    """Row permutation from torch's (i, f, g, o) gate order to (i, f, o, g): one sigmoid call."""
-    h = rows // 4
-    return torch.cat(
-        [torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)]
-    ).to(device)
+class _Rec:
+    """``x ↦ x @ w.T`` for a weight used at every step of a scan (oneDNN-packed once on CPU)."""
+
+    def __init__(self, w: Tensor, rows: int) -> None:
+        self.w = w
+        self.packed: Tensor | None = None
+        if _onednn(w):
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+            except Exception:  # pragma: no cover
+                _ONEDNN["ok"] = False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return torch.mm(x, self.w.t())
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear without bias for a batch of steps, its products through ``_mm_t``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        return _mm_t(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> Any:
+        x, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = _mm_t(g2, w.t()).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        gw = _mm_t(g2.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
+def _dense(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` over the last axis, differentiable (forward AD: plain F.linear)."""
+    if not _onednn(x) or fwAD.unpack_dual(x).tangent is not None or fwAD.unpack_dual(w).tangent is not None:
+        return F.linear(x, w)
+    return _Linear.apply(x, w)
+
+
+# ---- the recurrences ------------------------------------------------------------------------------
+# Gates are in torch's (i, f, g, o) order throughout. The scans run without autograd into
+# preallocated buffers; the two autograd Functions wrap them so that a backward pass is one more
+# scan (the adjoint: one matmul and a few pointwise ops per step) and every weight gradient is one
+# large matmul over all steps, instead of T small per-step matmuls and autograd nodes.
+
+
+def _primal_scan(
+    xg: Tensor, rec: _Rec, s: Tensor | None, h: Tensor, c: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """LSTM recurrence with pre-activations ``xg[t] + h W_hhᵀ (+ s ⊙ h R_hhᵀ)``.
+
+    ``rec`` multiplies by ``W_hhᵀ``, or by ``[W_hh; R_hh]ᵀ`` when ``s`` (R, 4H) is given.
+    Returns the hidden states (T, B, H), the gate activations (T, B, 4H), the cells (T, B, H)
+    and, with ``s``, the products ``h_{t-1} R_hhᵀ`` (T, B, 4H) that s's gradient needs.
+    """
+    steps, batch, g = xg.shape
+    n = g // 4
+    out = xg.new_empty(steps, batch, n)
+    acts = xg.new_empty(steps, batch, g)
+    cs = xg.new_empty(steps, batch, n)
+    hr = None if s is None else xg.new_empty(steps, batch, g)
+    for t in range(steps):
+        hh = rec(h)
+        if s is None or hr is None:
+            a = hh.add_(xg[t])
+        else:
+            hr[t] = hh[:, g:]
+            a = torch.addcmul(hh[:, :g].add_(xg[t]), s, hh[:, g:])
+        act = acts[t]
+        torch.sigmoid(a, out=act)
+        torch.tanh(a[:, 2 * n : 3 * n], out=act[:, 2 * n : 3 * n])
+        c = torch.addcmul(act[:, n : 2 * n] * c, act[:, :n], act[:, 2 * n : 3 * n], out=cs[t])
+        h = torch.mul(act[:, 3 * n :], torch.tanh(c), out=out[t])
+    return out, acts, cs, hr
+
+
+def _coefficients(acts: Tensor, cs: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The step Jacobian of the LSTM cell, for every step at once.
+
+    With v = da ⊙ K: dc_t = v_i + v_f + v_g + f_t ⊙ dc_{t-1} and dh_t = v_o + od_t ⊙ dc_t.
+    """
+    i, f, g, o = acts.chunk(4, -1)
+    c_prev = torch.cat([c0.unsqueeze(0), cs[:-1]])
+    tc = torch.tanh(cs)
+    k = torch.cat([i * (1 - i) * g, f * (1 - f) * c_prev, (1 - g * g) * i, o * (1 - o) * tc], -1)
+    return k, f, o * (1 - tc * tc)
+
+
+def _tangent_scan(
+    u: Tensor, k: Tensor, f: Tensor, od: Tensor, rec: _Rec, dh: Tensor | None, dc: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The linear recurrence da_t = u_t + dh_{t-1} W_hhᵀ through the cells' Jacobians."""
+    steps, batch, g = k.shape
+    n = g // 4
+    dout = k.new_empty(steps, batch, n)
+    if dc is None:
+        dc = k.new_zeros(batch, n)
+    for t in range(steps):
+        v = (u[t] * k[t] if dh is None else rec(dh).add_(u[t]).mul_(k[t])).view(batch, 4, n)
+        dc = torch.addcmul(v[:, :3].sum(1), f[t], dc)
+        dh = torch.addcmul(v[:, 3], od[t], dc, out=dout[t])
+    return dout, dout[-1], dc
+
+
+def _adjoint_scan(
+    gout: Tensor | None,
+    gh: Tensor | None,
+    gc: Tensor | None,
+    k: Tensor,
+    f: Tensor,
+    od: Tensor,
+    matvec: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of both scans: gradients of the pre-activations (T, B, 4H), h_0 and c_0.
+
+    ``matvec(ga)`` maps a pre-activation gradient to the previous hidden state's: ``ga W_hh``.
+    """
+    steps, batch, g = k.shape
+    n = g // 4
+    ga = k.new_empty(steps, batch, g)
+    gh = k.new_zeros(batch, n) if gh is None else gh
+    gc = k.new_zeros(batch, n) if gc is None else gc
+    for t in range(steps - 1, -1, -1):
+        if gout is not None:
+            gh = gh + gout[t]
+        gc = torch.addcmul(gc, gh, od[t])
+        ga_t, k_t = ga[t].view(batch, 4, n), k[t].view(batch, 4, n)
+        torch.mul(k_t[:, :3], gc.unsqueeze(1), out=ga_t[:, :3])
+        torch.mul(k_t[:, 3], gh, out=ga_t[:, 3])
+        gc = gc * f[t]
+        gh = matvec(ga[t])
+    return ga, gh, gc
+
+
+class _ModulatedLSTM(torch.autograd.Function):
+    """One direction of one layer at δλ ≠ 0: (xg, W_hh, R_hh, s_hh, h0, c0) -> (out, h_T, c_T)."""
+
+    @staticmethod
+    def forward(ctx: Any, xg: Tensor, w_hh: Tensor, r_hh: Tensor, s: Tensor, h0: Tensor, c0: Tensor) -> Any:
+        w_cat = torch.cat([w_hh, r_hh])
+        out, acts, cs, hr = _primal_scan(xg, _Rec(w_cat, xg.shape[1]), s, h0, c0)
+        ctx.save_for_backward(w_cat, s, h0, c0, out, acts, cs, hr)
+        return out, out[-1].clone(), cs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gout: Tensor, g_h: Tensor, g_c: Tensor) -> Any:
+        w_cat, s, h0, c0, out, acts, cs, hr = ctx.saved_tensors
+        k, f, od = _coefficients(acts, cs, c0)
+        back = _Rec(w_cat.t(), out.shape[1])
+
+        def matvec(ga: Tensor) -> Tensor:
+            return back(torch.cat([ga, ga * s], 1))
+
+        ga, g_h0, g_c0 = _adjoint_scan(gout, g_h, g_c, k, f, od, matvec)
+        need = ctx.needs_input_grad
+        g = ga.shape[-1]
+        h_prev_t = torch.cat([h0.unsqueeze(0), out[:-1]]).reshape(-1, h0.shape[-1]).t()
+        g_w = _mm_t(ga.reshape(-1, g).t(), h_prev_t) if need[1] else None
+        g_r = _mm_t((ga * s).reshape(-1, g).t(), h_prev_t) if need[2] else None
+        g_s = None
+        if need[3]:
+            g_s = (ga * hr).sum(0)
+            if s.shape[0] != g_s.shape[0]:
+                g_s = g_s.sum(0, keepdim=True)
+        return ga, g_w, g_r, g_s, g_h0 if need[4] else None, g_c0 if need[5] else None
+
+
+class _TangentLSTM(torch.autograd.Function):
+    """The tangent recurrence, differentiable in its drive u and initial tangents only."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, u: Tensor, k: Tensor, f: Tensor, od: Tensor, w_hh: Tensor, dh0: Tensor | None, dc0: Tensor | None
+    ) -> Any:
+        dout, dh, dc = _tangent_scan(u, k, f, od, _Rec(w_hh, u.shape[1]), dh0, dc0)
+        ctx.save_for_backward(k, f, od, w_hh)
+        return dout, dh.clone(), dc
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gout: Tensor, g_h: Tensor, g_c: Tensor) -> Any:
+        k, f, od, w_hh = ctx.saved_tensors
+        ga, g_h0, g_c0 = _adjoint_scan(gout, g_h, g_c, k, f, od, _Rec(w_hh.t(), k.shape[1]))
+        need = ctx.needs_input_grad
+        return ga, None, None, None, None, g_h0 if need[5] else None, g_c0 if need[6] else None
+
+
+# Autograd reference versions of the two Functions: used where a Function does not apply (a
+# forward-AD input in the perturbed pass; a primal that itself carries a graph), and in the tests.
+def _modulated_reference(
+    xg: Tensor, w_hh: Tensor, r_hh: Tensor, s: Tensor, h: Tensor, c: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    n = h.shape[-1]
+    outs = []
+    for x_t in xg.unbind(0):  # unbind: one backward node, not a (T, B, 4H) zero fill per step
+        a = x_t + F.linear(h, w_hh) + s * F.linear(h, r_hh)
+        i, f, g, o = a.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    del n
+    return torch.stack(outs), h, c
+
+
+def _tangent_reference(
+    u: Tensor, k: Tensor, f: Tensor, od: Tensor, w_hh: Tensor, dh: Tensor | None, dc: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    n = w_hh.shape[-1]
+    dc = u.new_zeros(u.shape[1], n) if dc is None else dc
+    douts = []
+    for u_t, k_t, f_t, od_t in zip(u.unbind(0), k.unbind(0), f.unbind(0), od.unbind(0)):
+        da = u_t if dh is None else u_t + F.linear(dh, w_hh)
+        v = da * k_t
+        dc = v[:, :n] + v[:, n : 2 * n] + v[:, 2 * n : 3 * n] + f_t * dc
+        dh = v[:, 3 * n :] + od_t * dc
+        douts.append(dh)
+    assert dh is not None
+    return torch.stack(douts), dh, dc
 
 
 def _flip(x: Tensor | None, reverse: bool) -> Tensor | None:
     return x.flip(0) if (reverse and x is not None) else x
-
-
-def _linear(x: Tensor, w: Tensor) -> Tensor:
-    return F.linear(x, w)
 
 
 class HyperLSTM(HyperLayer, nn.LSTM):
@@ -413,10 +601,8 @@ class HyperLSTM(HyperLayer, nn.LSTM):
             hh_masks: list[Tensor | None] = []
             for k in ks:
                 w = list(weights[k * per_k : (k + 1) * per_k])
-                m = None
-                if dc_rate is not None:
-                    keep = 1.0 - dc_rate.detach().to(w[1].dtype)
-                    m = (torch.rand_like(w[1]) < keep).to(w[1].dtype) / keep
+                m = None if dc_rate is None else _dropconnect_mask(w[1], dc_rate)
+                if m is not None:
                     w[1] = w[1] * m
                 hh_masks.append(m)
                 flat += w
@@ -497,16 +683,23 @@ def _index(t: Tensor | None, k: int) -> Tensor | None:
 
 
 def _locked_mask(batch: int, features: int, rate: Tensor, like: Tensor) -> Tensor:
-    """Inverted-dropout mask (1, B, F) (time-major) shared by every step, rate per example."""
+    """Inverted-dropout mask (1, B, F) (time-major): one per example and feature, shared by every
+    step, example i's entries kept with probability 1 - rate[i] (rate shape (R,), R ∈ {1, B})."""
     keep = (1.0 - rate.detach().to(like.dtype)).reshape(-1, 1)
     mask = torch.rand(batch, features, dtype=like.dtype, device=like.device) < keep
     return (mask.to(like.dtype) / keep).unsqueeze(0)
 
 
+def _dropconnect_mask(w: Tensor, rate: Tensor) -> Tensor:
+    """Inverted DropConnect mask for one recurrent matrix: one per batch (rate shape (1,))."""
+    keep = 1.0 - rate.detach().to(w.dtype).reshape(())
+    return (torch.rand_like(w) < keep).to(w.dtype) / keep
+
+
 def _modulated_direction(
     x: Tensor,
-    h: Tensor,
-    c: Tensor,
+    h0: Tensor,
+    c0: Tensor,
     w: list[Tensor],
     resp: list[Tensor | None],
     scales: tuple[Tensor, Tensor, Tensor | None],
@@ -518,28 +711,18 @@ def _modulated_direction(
     s_ih, s_hh, s_b = scales
     assert r_ih is not None and r_hh is not None
     g = w_ih.shape[0]
-    perm = _ifog(g, x.device)
-    # input projection of every step at once: x @ [W_ih; R_ih]ᵀ, rows in (i, f, o, g) order
-    w_in = torch.cat([w_ih, r_ih])[torch.cat([perm, perm + g])]
-    xw = _linear(x, w_in)
-    xg = torch.addcmul(xw[..., :g], s_ih[:, perm], xw[..., g:])
+    # the input part of every step's pre-activations, for all steps at once (two matmuls, so no
+    # gradient is computed for a frozen W_ih)
+    xg = torch.addcmul(_dense(x, w_ih), s_ih, _dense(x, r_ih))
     if len(w) == 4:
         assert r_b is not None and s_b is not None
-        xg = xg + (w[2] + w[3])[perm] + s_b[:, perm] * r_b[perm]
+        xg = xg + (w[2] + w[3]) + s_b * r_b
     xg = _flip(xg, reverse)
     assert xg is not None
-    w_rec = torch.cat([w_hh, r_hh])[torch.cat([perm, perm + g])].t()
-    s_rec = s_hh[:, perm]
-    cell = _CELLS[_BACKEND][0]
-    outs = []
-    # unbind, not xg[t]: one backward node for all steps instead of a zero-filled (T, B, 4H)
-    # gradient per step
-    for xt in xg.unbind(0):
-        hh = torch.mm(h, w_rec)
-        a = torch.addcmul(xt + hh[:, :g], s_rec, hh[:, g:])
-        h, c = cell(a, c)
-        outs.append(h)
-    out = torch.stack(outs)
+    if any(fwAD.unpack_dual(t).tangent is not None for t in (xg, h0, c0)):
+        out, h, c = _modulated_reference(xg, w_hh, r_hh, s_hh, h0, c0)
+    else:
+        out, h, c = _ModulatedLSTM.apply(xg, w_hh, r_hh, s_hh, h0, c0)
     return _flip(out, reverse), h, c  # type: ignore[return-value]
 
 
@@ -567,56 +750,40 @@ def _tangent_direction(
     """
     w_ih, w_hh = w[0], w[1]
     bias = (w[2] + w[3]) if len(w) == 4 else None
-    n = h0.shape[-1]
     xs, outs, dxs = _flip(x, reverse), _flip(out, reverse), _flip(dx, reverse)
     assert xs is not None and outs is not None
-    steps = xs.shape[0]
     h_prev = torch.cat([h0.unsqueeze(0), outs[:-1]])
     # the primal gates and cells of every step (the fused kernel does not return them)
-    a = F.linear(torch.cat([xs, h_prev], -1), torch.cat([w_ih, w_hh], 1), bias)
-    i, f, gg, o = a.chunk(4, -1)
-    i, f, gg, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(gg), torch.sigmoid(o)
-    ig = i * gg
+    a = _dense(torch.cat([xs, h_prev], -1), torch.cat([w_ih, w_hh], 1))
+    if bias is not None:
+        a = a + bias
+    acts = torch.sigmoid(a)
+    n = h0.shape[-1]
+    acts[..., 2 * n : 3 * n] = torch.tanh(a[..., 2 * n : 3 * n])
+    i, f, g = acts[..., :n], acts[..., n : 2 * n], acts[..., 2 * n : 3 * n]
+    ig = i * g
     cs = []
     c = c0
-    f_steps = f.unbind(0)
-    for ig_t, f_t in zip(ig.unbind(0), f_steps):
+    for ig_t, f_t in zip(ig.unbind(0), f.unbind(0)):
         c = torch.addcmul(ig_t, f_t, c)
         cs.append(c)
-    c_seq = torch.stack(cs)
-    c_prev = torch.cat([c0.unsqueeze(0), c_seq[:-1]])
-    tc = torch.tanh(c_seq)
-    k = torch.cat([i * (1 - i) * gg, f * (1 - f) * c_prev, (1 - gg * gg) * i, o * (1 - o) * tc], -1)
-    od = o * (1 - tc * tc)
+    k, f, od = _coefficients(acts, torch.stack(cs), c0)
     # what drives the tangent recurrence
     u: Tensor | None = None
     if resp is not None and scales is not None:
         r_ih, r_hh, r_b = resp
         s_ih, s_hh, s_b = scales
         assert r_ih is not None and r_hh is not None
-        u = torch.addcmul(s_ih * _linear(xs, r_ih), s_hh, _linear(h_prev, r_hh))
+        u = torch.addcmul(s_ih * _dense(xs, r_ih), s_hh, _dense(h_prev, r_hh))
         if r_b is not None and s_b is not None:
             u = u + s_b * r_b
     if dxs is not None:
-        u = _linear(dxs, w_ih) if u is None else u + _linear(dxs, w_ih)
-    tangent_cell = _CELLS[_BACKEND][1]
-    w_rec = w_hh.t()
-    dh, dc = dh0, dc0
-    if dh is None and u is None:
-        dh = torch.zeros_like(h0)
-    if dc is None:
-        dc = torch.zeros_like(c0)
-    douts = []
-    u_steps = [None] * steps if u is None else u.unbind(0)
-    for u_t, k_t, f_t, od_t in zip(u_steps, k.unbind(0), f_steps, od.unbind(0)):
-        if u_t is None:
-            da = torch.mm(dh, w_rec)
-        elif dh is None:
-            da = u_t
-        else:
-            da = torch.addmm(u_t, dh, w_rec)
-        dh, dc = tangent_cell(da, k_t, f_t, od_t, dc)
-        douts.append(dh)
-    dout = torch.stack(douts)
-    assert dh is not None
+        u = _dense(dxs, w_ih) if u is None else u + _dense(dxs, w_ih)
+    if u is None:
+        u = k.new_zeros(k.shape)
+    constants = (k, f, od, w_hh)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in constants):
+        dout, dh, dc = _tangent_reference(u, k, f, od, w_hh, dh0, dc0)
+    else:
+        dout, dh, dc = _TangentLSTM.apply(u, k, f, od, w_hh, dh0, dc0)
     return _flip(dout, reverse), dh, dc  # type: ignore[return-value]

@@ -1,0 +1,208 @@
+"""Cost of one tuned step against one plain optimizer step, side by side in one process.
+
+For each model the plain run is the same architecture with its dropout at the starting rate and
+torch.optim's own weight decay, stepped by the same optimizer. The tuned cost is one
+``train_step`` plus ``val_step`` amortized at the default T_train/T_valid = 5/1. Plain and
+tuned steps are timed alternately (warm-up, many repeats, median), so machine noise hits both;
+CUDA is timed with synchronize.
+
+    python benchmarks/overhead.py --models mlp --device cpu --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hypertune as ht  # noqa: E402
+from hypertune.experiments import SimpleCNN, mnist_mlp  # noqa: E402
+
+T_TRAIN_PER_VAL = 5
+
+
+def _resnet18_cifar() -> nn.Module:
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None, num_classes=10)
+    net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def _lstm_lm() -> nn.Module:
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10000, 650)
+            self.drop_in = nn.Dropout(0.05)
+            self.rnn = nn.LSTM(650, 650, num_layers=2, batch_first=True)
+            self.drop_out = nn.Dropout(0.05)
+            self.head = nn.Linear(650, 10000)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            h, _ = self.rnn(self.drop_in(self.emb(tokens)))
+            return self.head(self.drop_out(h))
+
+    return LM()
+
+
+def _setup(name: str, device: torch.device, batch: int | None):
+    """(model factory, hparams, inputs, targets, loss, learning rate)."""
+    g = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        b = batch or 128
+        x, y = torch.randn(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g)
+        hparams = {"input_dropout": ht.InputDropout(), "dropout": ht.DropoutRate(per_site=True)}
+        return mnist_mlp, hparams, x, y, F.cross_entropy, 0.01
+    if name == "simple_cnn":
+        b = batch or 128
+        x, y = torch.randn(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g)
+        hparams = {"dropout": ht.DropoutRate(per_site=True), "cutout": ht.Cutout()}
+        return SimpleCNN, hparams, x, y, F.cross_entropy, 0.01
+    if name == "resnet18":
+        b = batch or 128
+        x, y = torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)
+        hparams = {"weight_decay": ht.WeightDecay(init=5e-4), "cutout": ht.Cutout()}
+        return _resnet18_cifar, hparams, x, y, F.cross_entropy, 0.03
+    if name == "lstm":
+        b = batch or 20
+        x = torch.randint(0, 10000, (b, 35), generator=g)
+        y = torch.randint(0, 10000, (b, 35), generator=g)
+        hparams = {"dropout": ht.DropoutRate(per_site=True, locked_dim=1), "edrop": ht.EmbeddingDropout()}
+
+        def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1))
+
+        return _lstm_lm, hparams, x, y, loss, 0.03
+    raise SystemExit(f"unknown model {name!r}: choose mlp, simple_cnn, resnet18, lstm")
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def run(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1000
+
+    return run
+
+
+def measure(
+    name: str,
+    device: torch.device,
+    modes: list[str],
+    repeats: int,
+    warmup: int,
+    batch: int | None,
+    options: dict | None = None,
+) -> list[dict]:
+    factory, hparams, x, y, loss_fn, lr = _setup(name, device, batch)
+    x, y = x.to(device), y.to(device)
+    torch.manual_seed(0)
+    base = factory().to(device)
+    timer = _timer(device)
+
+    plain = copy.deepcopy(base)
+    wd = hparams["weight_decay"].init if "weight_decay" in hparams else 0.0
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+
+    def plain_step() -> None:
+        plain_opt.zero_grad(set_to_none=True)
+        loss_fn(plain(x), y).backward()
+        plain_opt.step()
+
+    tuned = {}
+    for mode in modes:
+        model = ht.HyperModel.wrap(copy.deepcopy(base), hparams).to(device)
+        opt = ht.DeltaSTNOptimizer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
+            mode=mode,  # type: ignore[arg-type]
+            **(options or {}),
+        )
+        tuned[mode] = opt
+
+    rows = []
+    for mode, opt in tuned.items():
+        for _ in range(warmup):
+            plain_step()
+            opt.train_step(x, y, loss_fn)
+            opt.val_step(x, y, loss_fn)
+        plain_ms, train_ms, val_ms = [], [], []
+        for i in range(repeats):
+            plain_ms.append(timer(plain_step))
+            train_ms.append(timer(lambda: opt.train_step(x, y, loss_fn)))
+            if i % T_TRAIN_PER_VAL == 0:
+                val_ms.append(timer(lambda: opt.val_step(x, y, loss_fn)))
+        p = statistics.median(plain_ms)
+        h = statistics.median(train_ms) + statistics.median(val_ms) / T_TRAIN_PER_VAL
+        rows.append(
+            {
+                "model": name,
+                "device": str(device),
+                "mode": mode,
+                "batch": int(x.shape[0]),
+                "plain_ms": round(p, 3),
+                "hyper_ms": round(h, 3),
+                "train_step_ms": round(statistics.median(train_ms), 3),
+                "val_step_ms": round(statistics.median(val_ms), 3),
+                "ratio": round(h / p, 3),
+                **{k: v for k, v in (options or {}).items()},
+            }
+        )
+        print(
+            f"{name:>10} {str(device):>6} {mode:>8} {p:10.2f} {h:10.2f} {h / p:7.2f}", flush=True
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="mlp", help="comma list: mlp,simple_cnn,resnet18,lstm")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--modes", default="stn,centered,delta")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=None, help="override the model's batch size")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--response-fraction", type=float, default=1.0,
+                        help="DeltaSTNOptimizer(response_fraction=...): Θ step on this part of a batch")
+    parser.add_argument("--response-every", type=int, default=1,
+                        help="DeltaSTNOptimizer(response_every=...): Θ step every k train steps")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"{'model':>10} {'device':>6} {'mode':>8} {'plain ms':>10} {'tuned ms':>10} {'ratio':>7}")
+    rows = []
+    for name in args.models.split(","):
+        options = {}
+        if args.response_fraction != 1.0:
+            options["response_fraction"] = args.response_fraction
+        if args.response_every != 1:
+            options["response_every"] = args.response_every
+        rows += measure(
+            name.strip(), device, args.modes.split(","), args.repeats, args.warmup, args.batch, options
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,7 @@ from .specs import (
     HParam,
     InputDropout,
     TemporalActivationRegularization,
+    VariationalDropout,
     WeightDecay,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "InputDropout",
     "WeightDecay",
     "DropConnect",
+    "VariationalDropout",
     "EmbeddingDropout",
     "ActivationRegularization",
     "TemporalActivationRegularization",

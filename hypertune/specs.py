@@ -207,6 +207,32 @@ class DropConnect(HParam):
 
 
 @dataclass(frozen=True)
+class VariationalDropout(HParam):
+    """Variational (locked) dropout inside nn.LSTM hyper-layers (Gal & Ghahramani 2016).
+
+    One mask per example and feature, the same at every time step, at each example's own rate.
+    ``on="input"`` drops the input of each selected LSTM (AWD-LSTM's ``dropouti`` when the LSTM
+    reads the embeddings); ``on="hidden"`` drops the hidden states one layer of a multi-layer
+    LSTM passes to the next (``dropouth``; it takes the place of nn.LSTM's own ``dropout``, which
+    must be 0). ``targets`` selects LSTM modules (default: every nn.LSTM hyper-layer; with
+    ``on="hidden"``, every multi-layer one).
+    """
+
+    init: float = 0.05
+    low: float = 0.0
+    high: float = 0.95
+    on: Literal["input", "hidden"] = "hidden"
+    targets: tuple[Target, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _rate_bounds("VariationalDropout", self)
+        if self.on not in ("input", "hidden"):
+            raise SpecError(f"VariationalDropout: on={self.on!r} must be 'input' or 'hidden'")
+        object.__setattr__(self, "targets", _as_targets(self.targets))
+
+
+@dataclass(frozen=True)
 class EmbeddingDropout(HParam):
     """Word dropout on embedding layers: drops whole word types per example (Gal & Ghahramani)."""
 

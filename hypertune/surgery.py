@@ -25,6 +25,7 @@ from .layers import (
     HyperEmbedding,
     HyperLayer,
     HyperLinear,
+    HyperLSTM,
 )
 from .specs import (
     ActivationRegularization,
@@ -34,6 +35,7 @@ from .specs import (
     HParam,
     InputDropout,
     Target,
+    VariationalDropout,
     WeightDecay,
 )
 
@@ -43,6 +45,7 @@ HYPER_LAYERS: dict[type[nn.Module], type[HyperLayer]] = {
     nn.Conv2d: HyperConv2d,
     nn.Conv3d: HyperConv3d,
     nn.Embedding: HyperEmbedding,
+    nn.LSTM: HyperLSTM,
 }
 # Dropout type -> number of trailing axes that share one mask entry.
 DROPOUTS: dict[type[nn.Module], int] = {
@@ -211,6 +214,16 @@ def plan(
                 "max_norm=None or add the module to exclude"
             )
             continue
+        if isinstance(module, nn.LSTM):
+            # its weights are weight_ih_l0, weight_hh_l0, ...: no single `weight`
+            if module.proj_size > 0:
+                problems.append(
+                    f"{_describe(path, module)} uses proj_size={module.proj_size}, which HyperLSTM does "
+                    "not modulate: set proj_size=0 or add the module to exclude"
+                )
+                continue
+            result.layers.append(site)
+            continue
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
             problems.append(
                 f"{_describe(path, module)} has no weight Parameter: add it to exclude"
@@ -223,7 +236,7 @@ def plan(
                 problems.append(f"targets entry {sel!r} matches no module: check the module paths")
     if not result.layers:
         problems.append(
-            "no module can become a hyper-layer (nn.Linear, nn.Conv1d/2d/3d or nn.Embedding), so no "
+            "no module can become a hyper-layer (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding or nn.LSTM), so no "
             "weights could respond to the hyperparameters: check targets/exclude"
         )
 
@@ -318,6 +331,42 @@ def plan(
                     )
                     continue
                 result.layer_regularizers.append((site.path, attr, name))
+        elif isinstance(spec, VariationalDropout):
+            attr = f"{spec.on}_dropout"
+            lstms = [s for s in result.layers if isinstance(s.module, nn.LSTM)]
+            if spec.targets is not None:
+                lstms = [s for s in lstms if any(_matches(p, s.module, spec.targets) for p in s.paths)]
+            chosen, refused = [], len(problems)
+            for site in lstms:
+                lstm = site.module
+                if spec.on == "hidden" and lstm.num_layers < 2:
+                    if spec.targets is not None:
+                        problems.append(
+                            f"hparams[{name!r}] (VariationalDropout, on='hidden') selects "
+                            f"{_describe(site.path, lstm)}, which has one layer and so no hidden state "
+                            "between layers: use on='input' or narrow targets"
+                        )
+                    continue
+                if spec.on == "hidden" and lstm.dropout > 0:
+                    problems.append(
+                        f"{_describe(site.path, lstm)} already drops between layers (dropout={lstm.dropout}), "
+                        f"which hparams[{name!r}] would replace: build the LSTM with dropout=0"
+                    )
+                    continue
+                taken = [n for p_, a, n in result.layer_regularizers if p_ == site.path and a == attr]
+                if taken:
+                    problems.append(
+                        f"{_describe(site.path, lstm)} gets on={spec.on!r} VariationalDropout from both "
+                        f"hparams[{taken[0]!r}] and hparams[{name!r}]: give each LSTM one"
+                    )
+                    continue
+                chosen.append(site)
+                result.layer_regularizers.append((site.path, attr, name))
+            if not chosen and len(problems) == refused:
+                problems.append(
+                    f"hparams[{name!r}] (VariationalDropout, on={spec.on!r}) matches no nn.LSTM "
+                    f"hyper-layer{' with two or more layers' if spec.on == 'hidden' else ''}: check its targets"
+                )
         elif isinstance(spec, ActivationRegularization):
             assert spec.targets is not None
             paths = [
@@ -337,7 +386,10 @@ def plan(
                 s.path
                 for s in sites
                 if any(_matches(p, s.module, spec.targets) for p in s.paths)
-                and isinstance(getattr(s.module, "weight", None), nn.Parameter)
+                and (
+                    isinstance(getattr(s.module, "weight", None), nn.Parameter)
+                    or (isinstance(s.module, nn.LSTM) and s in result.layers)
+                )
             ]
             if not paths:
                 problems.append(

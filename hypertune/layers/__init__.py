@@ -5,6 +5,7 @@ from .conv import HyperConv1d, HyperConv2d, HyperConv3d
 from .dropout import HyperDropout, dropout_per_example
 from .embedding import HyperEmbedding
 from .linear import HyperLinear
+from .lstm import HyperLSTM
 
 __all__ = [
     "HyperLayer",
@@ -13,6 +14,7 @@ __all__ = [
     "HyperConv2d",
     "HyperConv3d",
     "HyperEmbedding",
+    "HyperLSTM",
     "HyperDropout",
     "dropout_per_example",
     "swap_class",

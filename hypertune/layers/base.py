@@ -187,6 +187,11 @@ class HyperLayer(nn.Module):
             tangent = tangent + self.base_forward(x_t, w, None)
         return fwAD.make_dual(out, tangent)
 
+    def decayed_parameters(self, include_bias: bool = False) -> list[nn.Parameter]:
+        """The w₀ Parameters ``weight_sq_norm`` measures."""
+        bias = getattr(self, "bias", None)
+        return [self.weight] + ([bias] if include_bias and bias is not None else [])
+
     def weight_sq_norm(self, response_input: Tensor | None, include_bias: bool = False) -> Tensor:
         """||w(δλ)||² per perturbation row (shape (R,)), in closed form from the row structure."""
         total = self._sq_norm(self.weight, self.response_weight, response_input, 0)

@@ -22,6 +22,14 @@ zero. Three code paths:
   recurrence (one matmul per step). Fused RNN kernels have no forward-AD formulas, so the
   primal/tangent split is also what makes linearization work at all.
 
+The two recurrences are autograd Functions whose backward is one more scan (the adjoint), with
+every weight gradient one matmul over all steps; on CPU their products use oneDNN. Measured in
+benchmarks/lstm_speed.py: a perturbed or linearized pass costs about 2.3-2.7× nn.LSTM's (the
+modulation doubles the recurrent matmul), against 3.7-4.5× for plain autograd loops; compiling
+the per-step cell (torch.compile, torch.jit.script) saved at most a few percent on CPU and costs
+seconds per shape, so it is not used. ``proj_size > 0`` is refused; a PackedSequence input is
+accepted only at δλ = 0 without tuned regularizers (nn.LSTM's own forward).
+
 Regularizers, on only in training mode, read their per-row values from the active perturbation:
 
 * DropConnect on every hidden-to-hidden matrix (AWD-LSTM's WeightDrop): one mask on W_hh (and
@@ -286,7 +294,6 @@ class _TangentLSTM(torch.autograd.Function):
 def _modulated_reference(
     xg: Tensor, w_hh: Tensor, r_hh: Tensor, s: Tensor, h: Tensor, c: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    n = h.shape[-1]
     outs = []
     for x_t in xg.unbind(0):  # unbind: one backward node, not a (T, B, 4H) zero fill per step
         a = x_t + F.linear(h, w_hh) + s * F.linear(h, r_hh)
@@ -294,7 +301,6 @@ def _modulated_reference(
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         outs.append(h)
-    del n
     return torch.stack(outs), h, c
 
 
@@ -328,9 +334,12 @@ class HyperLSTM(HyperLayer, nn.LSTM):
     """
 
     base_class = nn.LSTM
-    dropconnect: str | None
-    input_dropout: str | None
-    hidden_dropout: str | None
+    # Names of the tuned hyperparameters of the three regularizers (None: off); surgery may also
+    # set them on the instance after from_module.
+    regularizer_attributes = ("dropconnect", "input_dropout", "hidden_dropout")
+    dropconnect: str | None = None
+    input_dropout: str | None = None
+    hidden_dropout: str | None = None
 
     # ---- construction and undoing -------------------------------------------------------
     @classmethod
@@ -376,10 +385,18 @@ class HyperLSTM(HyperLayer, nn.LSTM):
         for name in self._response_names():
             plain._parameters.pop(name, None)
         plain._modules.pop("hyper_projection", None)
-        for attr in ("hyper_path", "dropconnect", "input_dropout", "hidden_dropout"):
+        for attr in ("hyper_path", *self.regularizer_attributes):
             plain.__dict__.pop(attr, None)
         plain._init_flat_weights()
         return plain
+
+    def decayed_parameters(self, include_bias: bool = False) -> list[nn.Parameter]:
+        """The w₀ Parameters ``weight_sq_norm`` measures (every W_ih, W_hh; biases optionally)."""
+        return [
+            getattr(self, name)
+            for sfx in self._suffixes()
+            for name, _ in self._pairs(sfx, include_bias)
+        ]
 
     # ---- Θ -------------------------------------------------------------------------------
     @property
@@ -470,7 +487,7 @@ class HyperLSTM(HyperLayer, nn.LSTM):
 
     def extra_repr(self) -> str:
         s = nn.LSTM.extra_repr(self) + f", num_hyper={self.hyper_projection.in_features}"
-        for attr in ("dropconnect", "input_dropout", "hidden_dropout"):
+        for attr in self.regularizer_attributes:
             if getattr(self, attr, None) is not None:
                 s += f", {attr}={getattr(self, attr)!r}"
         return s
@@ -480,7 +497,7 @@ class HyperLSTM(HyperLayer, nn.LSTM):
         return f"HyperLSTM '{self.hyper_path}'"
 
     def _has_regularizers(self) -> bool:
-        return any(getattr(self, a, None) is not None for a in ("dropconnect", "input_dropout", "hidden_dropout"))
+        return any(getattr(self, a, None) is not None for a in self.regularizer_attributes)
 
     def forward(self, input: Any, hx: Any = None) -> Any:  # type: ignore[override]
         p = context.current()
@@ -757,9 +774,10 @@ def _tangent_direction(
     a = _dense(torch.cat([xs, h_prev], -1), torch.cat([w_ih, w_hh], 1))
     if bias is not None:
         a = a + bias
-    acts = torch.sigmoid(a)
     n = h0.shape[-1]
-    acts[..., 2 * n : 3 * n] = torch.tanh(a[..., 2 * n : 3 * n])
+    acts = torch.cat(
+        [torch.sigmoid(a[..., : 2 * n]), torch.tanh(a[..., 2 * n : 3 * n]), torch.sigmoid(a[..., 3 * n :])], -1
+    )
     i, f, g = acts[..., :n], acts[..., n : 2 * n], acts[..., 2 * n : 3 * n]
     ig = i * g
     cs = []

@@ -19,6 +19,7 @@ from .errors import (
 from .hyperparameters import HyperParameters
 from .model import HyperModel
 from .optim import DeltaSTNOptimizer, StepResult
+from . import checkpoint, distributed  # noqa: E402  (they import the optimizer)
 from .specs import (
     ActivationRegularization,
     DropConnect,
@@ -59,5 +60,7 @@ __all__ = [
     "PerturbationError",
     "NonFiniteLossError",
     "StateDictError",
+    "checkpoint",
+    "distributed",
     "__version__",
 ]

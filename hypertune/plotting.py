@@ -104,7 +104,7 @@ def plot_schedule(
     specs: Mapping[str, Any] | None = None,
     groups: Mapping[str, Sequence[str]] | None = None,
     steps_per_epoch: int | None = None,
-    show_scale: bool = True,
+    show_scale: bool | str = "auto",
     smooth: int = 50,
     title: str | None = None,
     dpi: int = 120,
@@ -113,9 +113,9 @@ def plot_schedule(
 
     One panel per group of hyperparameters (see :func:`group_hparams`; pass ``groups`` to choose
     your own), then a loss panel: the training loss (raw, faint, and a ``smooth``-step moving
-    average) and the validation loss of the val steps. With the ``model`` (or its ``specs``) each
-    value also gets a band λ ± σ of its perturbation distribution, and log-scale values (weight
-    decay) a log axis. ``history`` may be a History, a DeltaSTNOptimizer or a :class:`Schedule`
+    average) and the validation loss of the val steps. With the ``model`` (or its ``specs``)
+    log-scale values (weight decay) get a log axis, and values get a band λ ± σ of their
+    perturbation distribution (``show_scale=True``; ``"auto"``: in panels of at most two lines). ``history`` may be a History, a DeltaSTNOptimizer or a :class:`Schedule`
     (schedules only, no loss panel). ``steps_per_epoch`` labels the x axis in epochs.
 
     Returns the matplotlib Figure.
@@ -164,7 +164,8 @@ def plot_schedule(
             if len(members) == 1 and n == panel:
                 label = None  # the panel's title already names it
             ax.plot(xs, values[n], color=color, label=label, drawstyle=drawstyle, linewidth=1.6)
-            if show_scale and spec is not None and scales and not spec.discrete:
+            banded = show_scale is True or (show_scale == "auto" and len(members) <= 2)
+            if banded and spec is not None and scales and not spec.discrete:
                 lo, hi = _band(spec, values[n], scales[n])
                 if lo is not None:
                     ax.fill_between(xs, lo, hi, color=color, alpha=0.12, linewidth=0, step="post")

@@ -125,9 +125,7 @@ def describe_hparams(model: HyperModel) -> dict[str, dict[str, Any]]:
     for penalty in getattr(hm, "_penalties", []):
         params: list[str] = []
         for layer in penalty.layers:
-            params.append(names[id(layer.weight)])
-            if penalty.include_bias and getattr(layer, "bias", None) is not None:
-                params.append(names[id(layer.bias)])
+            params.extend(names[id(p)] for p in layer.decayed_parameters(penalty.include_bias))
         params.extend(names[id(p)] for p in penalty.plain)
         meta[penalty.hparam]["params"] = sorted(set(params), key=params.index)
     return meta

@@ -27,7 +27,8 @@ def dropout_per_example(
     ``locked_dim`` shares the mask along one more axis (variational dropout over time).
     The rate carries no gradient: regularizers reach λ through the response path only.
     """
-    rate = rate.detach().to(x.dtype)
+    # Rates and masks in float32 at least: a bf16 rate of 0.05 would round to about 0.051.
+    rate = rate.detach().to(torch.promote_types(x.dtype, torch.float32))
     batched = x.dim() >= 2 + shared_trailing_dims
     rows = rate.shape[0]
     context.rows_for(x.shape[0] if batched else 1, rows, where)
@@ -40,8 +41,8 @@ def dropout_per_example(
             )
         mask_shape[locked_dim] = 1
     keep = (1.0 - rate).reshape([rows] + [1] * (x.dim() - 1))
-    mask = torch.rand(mask_shape, device=x.device, dtype=x.dtype) < keep
-    return x * mask / keep
+    mask = torch.rand(mask_shape, device=x.device, dtype=keep.dtype) < keep
+    return x * mask.to(x.dtype) / keep.to(x.dtype)
 
 
 class HyperDropout(nn.Module):

@@ -10,7 +10,7 @@ validation loss minus τ·entropy with regularizers off. Modes (Bae & Grosse 202
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from .. import distributed as _distributed
 from ..context import Perturbation
 from ..errors import HyperTuneError, NonFiniteLossError, StateDictError
 from ..history import History, Record
@@ -121,15 +122,36 @@ def _first_rows(tree: Any, rows: int, n: int) -> Any:
 
 
 def _resolve(model: nn.Module) -> HyperModel:
-    if isinstance(model, HyperModel):
-        return model
-    inner = getattr(model, "module", None)
-    if isinstance(inner, HyperModel):
-        return inner
-    raise HyperTuneError(
-        f"DeltaSTNOptimizer needs a HyperModel (or DDP around one), got {type(model).__name__}: "
-        "wrap the model first with hypertune.HyperModel.wrap(model, hparams=...)"
-    )
+    """The HyperModel inside ``model``: itself, or under DDP and/or torch.compile wrappers."""
+    try:
+        return _distributed._inner_hyper_model(model)
+    except HyperTuneError as err:
+        raise HyperTuneError(f"DeltaSTNOptimizer: {err}") from None
+
+
+@contextmanager
+def _autocast_disabled() -> Iterator[None]:
+    """Leave any autocast region the caller opened: backward passes must not run under autocast."""
+    with ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            try:
+                enabled = torch.is_autocast_enabled(device_type)
+            except TypeError:  # torch < 2.4 has no per-device query
+                enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+            if enabled:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+@contextmanager
+def _eager() -> Iterator[None]:
+    """Run compiled modules eagerly: a compiled graph would drop forward-AD tangents."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:  # torch < 2.6: compiled HyperModels are refused in delta mode
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
 
 
 class DeltaSTNOptimizer:
@@ -154,6 +176,21 @@ class DeltaSTNOptimizer:
             setting is 1 and 1.0).
         nonfinite: ``"raise"`` a NonFiniteLossError or ``"skip"`` (and count) a step whose loss
             or gradients are not finite; either way nothing is written.
+        autocast: a reduced dtype (``torch.bfloat16``, or ``torch.float16`` with a
+            ``grad_scaler``) to run every forward and loss of the steps under ``torch.autocast``
+            on the model's device; backward passes and the weight-decay penalty stay in full
+            precision. Wrapping the step calls in ``torch.autocast`` yourself works the same.
+        grad_scaler: a ``torch.amp.GradScaler`` for float16: every step's loss is scaled before
+            backward and every inner optimizer's gradients unscaled before the non-finite check;
+            a step whose *scaled* gradients overflow is skipped (counted in ``skipped_steps``)
+            and the scale lowered, as GradScaler does, whatever ``nonfinite`` says. Save its
+            state with :func:`hypertune.checkpoint.save`.
+
+    Distributed: pass the DistributedDataParallel module built by
+    :func:`hypertune.distributed.prepare_ddp`; Θ, λ and σ are broadcast from rank 0 here and their
+    gradients averaged across ranks at every step. A compiled model (``torch.compile``) runs the
+    w₀ and λ steps compiled and the linearized Θ step of ``delta`` mode eagerly (compiled graphs
+    drop forward-AD tangents).
     """
 
     def __init__(
@@ -171,6 +208,8 @@ class DeltaSTNOptimizer:
         nonfinite: NonFinite = "raise",
         response_every: int = 1,
         response_fraction: float = 1.0,
+        autocast: torch.dtype | None = None,
+        grad_scaler: Any = None,
     ) -> None:
         if mode not in ("delta", "centered", "stn"):
             raise HyperTuneError(f"mode={mode!r}: choose 'delta' (default), 'centered' or 'stn'")
@@ -193,8 +232,34 @@ class DeltaSTNOptimizer:
             raise HyperTuneError(f"response_fraction={response_fraction!r} must lie in (0, 1]")
         if not entropy_weight >= 0:
             raise HyperTuneError(f"entropy_weight={entropy_weight!r} must be >= 0")
+        if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+            raise HyperTuneError(f"autocast={autocast!r}: choose torch.bfloat16, torch.float16 or None")
+        if grad_scaler is not None and not all(
+            hasattr(grad_scaler, a) for a in ("scale", "unscale_", "update", "is_enabled")
+        ):
+            raise HyperTuneError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+            )
         self.model = model
         self.hyper_model = hm = _resolve(model)
+        # DDP averages w₀'s gradients; Θ, λ and σ stay out of its buckets and are averaged here.
+        self._ddp = _distributed.find_ddp(model)
+        if self._ddp is not None:
+            _distributed.check_ddp(self._ddp)
+        else:
+            self._check_not_bypassing_ddp()
+        # Θ and λ steps run on this rank's module: through DDP they would give it no gradient.
+        self._local_model: nn.Module = self._ddp.module if self._ddp is not None else model
+        self._compiled = any(
+            type(m).__name__ == "OptimizedModule" for m in (model, self._local_model)
+        ) or getattr(hm, "_compiled_call_impl", None) is not None
+        if self._compiled and mode == "delta" and getattr(torch.compiler, "set_stance", None) is None:
+            raise HyperTuneError(
+                "a compiled model in mode='delta' needs torch >= 2.6 (torch.compiler.set_stance) to "
+                "run its linearized Θ step eagerly: upgrade torch, or use mode='centered'"
+            )
+        self.autocast = autocast
+        self.grad_scaler = grad_scaler
         self.mode: Mode = mode
         self.entropy_weight = float(entropy_weight)
         self.tune_scales = tune_scales
@@ -230,6 +295,10 @@ class DeltaSTNOptimizer:
         self.val_steps = 0
         self.skipped_steps = 0
         self.history = History()
+        if self._ddp is not None:
+            # Every rank starts from rank 0's Θ, λ, σ (DDP's constructor broadcast w₀ already).
+            _distributed.broadcast_hyperstate(hm, self._ddp.process_group)
+            self._averaged = {id(p) for p in (*self._response_params, *self._hyper_params)}
 
     # ---- set-up ----------------------------------------------------------------------------
     def _take_over(self, optimizer: torch.optim.Optimizer) -> None:
@@ -295,19 +364,35 @@ class DeltaSTNOptimizer:
         ``buffers`` are (buffer, copy before the forward) pairs restored on refusal, so a bad
         batch cannot leave NaN in BatchNorm's running statistics either.
         """
-        loss.backward()
+        scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
+        with _autocast_disabled():
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        loss_ok = torch.isfinite(loss.detach())
+        if self._ddp is not None:
+            # Average the gradients DDP does not (Θ, λ, σ) and agree on finiteness, so every rank
+            # takes or refuses the same step.
+            loss_ok = _distributed.average_gradients(
+                [p for p in params if id(p) in self._averaged], loss_ok, self._ddp.process_group
+            )
+        if scaler is not None:
+            unscaled = [o for o in optimizers if any(p.grad is not None for g in o.param_groups for p in g["params"])]
+            for opt in unscaled:
+                scaler.unscale_(opt)
         grads = [p.grad for p in params if p.grad is not None]
-        ok = torch.isfinite(loss.detach())
+        ok = loss_ok
         if grads:
             # A sum carries any NaN/inf through (inf - inf is NaN) at a fraction of a norm's cost.
             ok = ok & torch.isfinite(torch.stack([g.sum() for g in grads]).sum())
+        if scaler is not None and unscaled:
+            scaler.update()  # lowers the scale if unscale_ found inf/NaN, else counts a good step
         if not bool(ok):
             for p in params:
                 p.grad = None
             with torch.no_grad():
                 for buf, saved in buffers:
                     buf.copy_(saved)
-            if self.nonfinite == "skip":
+            if self.nonfinite == "skip" or (scaler is not None and bool(loss_ok)):
+                # With a GradScaler, overflowing scaled gradients are routine: skip, as it does.
                 self.skipped_steps += 1
                 return False
             raise NonFiniteLossError(
@@ -325,6 +410,24 @@ class DeltaSTNOptimizer:
         for p in (*self._base_params, *self._response_params, *self._hyper_params):
             p.grad = None
 
+    def _autocast(self) -> Any:
+        """The autocast region of a step's forward and loss (``autocast=``), else nothing."""
+        if self.autocast is None:
+            return nullcontext()
+        device = self.hyper_model.hparams.unconstrained.device.type
+        return torch.autocast(device, dtype=self.autocast)
+
+    def _check_not_bypassing_ddp(self) -> None:
+        """Refuse the bare HyperModel of a multi-rank DDP run: its w₀ gradients would not be averaged."""
+        if _distributed.prepared_for_ddp(self.hyper_model):
+            raise HyperTuneError(
+                "this HyperModel is used through DistributedDataParallel (it was prepared for DDP "
+                "and this is one of several ranks) but DeltaSTNOptimizer was given the inner "
+                "HyperModel, so w₀, Θ, λ and σ would drift apart across ranks: build the optimizer "
+                "after DDP, from the DDP module: ddp = hypertune.distributed.prepare_ddp(hyper_model, "
+                "...); opt = DeltaSTNOptimizer(ddp, ...)"
+            )
+
     def _objective(self, out: Any, target: Any, loss_fn: LossFn, point: Perturbation) -> tuple[Tensor, Tensor]:
         data_loss = loss_fn(out, target)
         if not torch.is_tensor(data_loss) or data_loss.dim() != 0:
@@ -332,7 +435,8 @@ class DeltaSTNOptimizer:
                 "loss_fn must return a scalar tensor (use reduction='mean'), got "
                 f"{type(data_loss).__name__}{tuple(data_loss.shape) if torch.is_tensor(data_loss) else ''}"
             )
-        penalty = self.hyper_model.training_penalty(point)
+        with _autocast_disabled():  # ||w(δλ)||² in the weights' precision, not autocast's
+            penalty = self.hyper_model.training_penalty(point)
         total = data_loss if penalty is None else data_loss + penalty.mean()
         return data_loss, total
 
@@ -344,6 +448,8 @@ class DeltaSTNOptimizer:
         or a dict of keyword arguments.
         """
         hm = self.hyper_model
+        if self._ddp is None:
+            self._check_not_bypassing_ddp()
         args, kwargs = _split_inputs(inputs)
         rows = hm.batch_rows(args, kwargs)
         self._zero_grad()
@@ -381,8 +487,9 @@ class DeltaSTNOptimizer:
             hm.evaluated_at(point),
             hm.collecting_activations(),
         ):
-            out = self.model(*args, **kwargs)
-            data_loss, total = self._objective(out, target, loss_fn, point)
+            with self._autocast():
+                out = self.model(*args, **kwargs)
+                data_loss, total = self._objective(out, target, loss_fn, point)
             taken = self._update(total, self._base_params, [self.optimizer], "w₀ step", stats)
         return float(data_loss.detach()), taken
 
@@ -404,11 +511,13 @@ class DeltaSTNOptimizer:
             hm.evaluated_at(point),
             hm.collecting_activations(),
         ):
-            if point.linearize:
-                out = linearized_call(lambda: self.model(*args, **kwargs))
-            else:
-                out = self.model(*args, **kwargs)
-            data_loss, total = self._objective(out, target, loss_fn, point)
+            with self._autocast():
+                if point.linearize:
+                    with _eager():
+                        out = linearized_call(lambda: self._local_model(*args, **kwargs))
+                else:
+                    out = self._local_model(*args, **kwargs)
+                data_loss, total = self._objective(out, target, loss_fn, point)
             taken = self._update(total, self._response_params, [self.response_optimizer], "Θ step")
         return float(data_loss.detach()), taken
 
@@ -418,8 +527,9 @@ class DeltaSTNOptimizer:
         self._follow_lr()
         stats = _running_stats(hm)
         with _no_grad_for(self._hyper_params), hm.evaluated_at(point), hm.collecting_activations():
-            out = self.model(*args, **kwargs)
-            data_loss, total = self._objective(out, target, loss_fn, point)
+            with self._autocast():
+                out = self.model(*args, **kwargs)
+                data_loss, total = self._objective(out, target, loss_fn, point)
             taken = self._update(
                 total,
                 self._base_params + self._response_params,
@@ -436,14 +546,16 @@ class DeltaSTNOptimizer:
         linearization) in every centered mode. During warm-up it only reports the loss.
         """
         hm = self.hyper_model
+        if self._ddp is None:
+            self._check_not_bypassing_ddp()
         args, kwargs = _split_inputs(inputs)
         rows = hm.batch_rows(args, kwargs)
         hp = hm.hparams
         self._zero_grad()
         with _mode(self.model, False), _no_grad_for(self._base_params + self._response_params):
             if self.train_steps < self.warmup_steps:
-                with torch.no_grad():
-                    out = self.model(*args, **kwargs)
+                with torch.no_grad(), self._autocast():
+                    out = self._local_model(*args, **kwargs)
                     loss = loss_fn(out, target)
                 return StepResult(loss=float(loss), hparams=hm.hparam_values(), updated=False)
             lam = hp.unconstrained
@@ -454,9 +566,10 @@ class DeltaSTNOptimizer:
             perturbed = lam.unsqueeze(0) + eps
             response_input = perturbed - lam.detach() if hm.centered else perturbed
             point = Perturbation(hp, perturbed.detach(), response_input)
-            with hm.evaluated_at(point):
-                out = self.model(*args, **kwargs)
-            loss = loss_fn(out, target)
+            with self._autocast():
+                with hm.evaluated_at(point):
+                    out = self._local_model(*args, **kwargs)
+                loss = loss_fn(out, target)
             objective = loss - self.entropy_weight * hp.entropy() if self.tune_scales else loss
             taken = self._update(objective, self._hyper_params, [self.hyper_optimizer], "λ step")
         self.val_steps += 1

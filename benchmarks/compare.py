@@ -1,0 +1,314 @@
+"""Tuning quality at an equal wall-clock budget: untuned, random search, Optuna TPE, STN,
+centered STN and Δ-STN, on MNIST (MLP) and FashionMNIST (SimpleCNN).
+
+Every method gets the same model, search space, data split (validation carved from the training
+set, test untouched) and wall-clock budget. Search methods train the plain model once per trial
+for ``--trial-epochs`` epochs; the STN modes spend the whole budget in one tuned run. Each
+method's score is its best validation loss, with the test loss of the model that reached it.
+
+    python benchmarks/compare.py --dataset fashionmnist --budget 600 --json out.json --png out.png
+
+Optuna is a benchmark-only dependency (pip install optuna); without it that method is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hypertune as ht  # noqa: E402
+from hypertune.experiments import SimpleCNN, TensorLoader, load_image_classification, mnist_mlp  # noqa: E402
+from hypertune.layers import dropout_per_example  # noqa: E402
+
+DROPOUT_INIT = 0.05
+DROPOUT_HIGH = 0.95
+
+
+def search_space(dataset: str) -> dict[str, tuple[float, float, bool]]:
+    """name -> (low, high, discrete). The same for every method."""
+    if dataset == "mnist":
+        return {"input_dropout": (0.0, DROPOUT_HIGH, False), "dropout:1": (0.0, DROPOUT_HIGH, False),
+                "dropout:2": (0.0, DROPOUT_HIGH, False)}
+    return {
+        "dropout:in": (0.0, DROPOUT_HIGH, False), "dropout:1": (0.0, DROPOUT_HIGH, False),
+        "dropout:2": (0.0, DROPOUT_HIGH, False), "dropout:fc": (0.0, DROPOUT_HIGH, False),
+        "cutout:holes": (0.0, 4.0, True), "cutout:length": (0.0, 20.0, True),
+    }
+
+
+def initial_values(dataset: str) -> dict[str, float]:
+    values = {k: DROPOUT_INIT for k in search_space(dataset)}
+    if dataset != "mnist":
+        values.update({"cutout:holes": 1.0, "cutout:length": 4.0})
+    return values
+
+
+def build_model(dataset: str) -> nn.Module:
+    return mnist_mlp(dropout=DROPOUT_INIT) if dataset == "mnist" else SimpleCNN(dropout=DROPOUT_INIT)
+
+
+def dropout_modules(dataset: str, model: nn.Module) -> dict[str, nn.Module]:
+    if dataset == "mnist":
+        return {"dropout:1": model[4], "dropout:2": model[7]}  # type: ignore[index]
+    return {"dropout:in": model.drop_in, "dropout:1": model.drop1, "dropout:2": model.drop2,
+            "dropout:fc": model.drop_fc}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    was = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, len(x), batch):
+        total += F.cross_entropy(model(x[i : i + batch]), y[i : i + batch], reduction="sum").item()
+    model.train(was)
+    return total / len(x)
+
+
+class Budget:
+    """Wall-clock seconds spent training; the clock stops while a model is being scored, so
+    every method pays only for its own training, however often it is evaluated."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.spent = 0.0
+        self._since = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.spent + (time.perf_counter() - self._since)
+
+    def exhausted(self) -> bool:
+        return self.elapsed() >= self.seconds
+
+    def pause(self) -> None:
+        self.spent += time.perf_counter() - self._since
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+
+class Tracker:
+    """Best validation loss against training wall-clock for one method."""
+
+    def __init__(self, name: str, budget: Budget) -> None:
+        self.name, self.budget = name, budget
+        self.curve: list[tuple[float, float]] = []
+        self.best_val, self.best_test, self.best_hparams = math.inf, math.nan, {}
+
+    def score(self, model: nn.Module, data, hparams: dict[str, float]) -> float:
+        """Validation loss now; the best model so far is kept to be tested once, at the end."""
+        self.budget.pause()
+        val = evaluate(model, *data["val"])
+        if val < self.best_val:
+            self.best_val, self.best_hparams = val, dict(hparams)
+            self._best = (model, copy.deepcopy(model.state_dict()))
+        self.curve.append((self.budget.elapsed(), self.best_val))
+        self.budget.resume()
+        return val
+
+    def result(self, data) -> dict[str, Any]:
+        if getattr(self, "_best", None) is not None:
+            model, state = self._best
+            model.load_state_dict(state)
+            self.best_test = evaluate(model, *data["test"])
+            self._best = None
+        return {"method": self.name, "best_val_loss": self.best_val, "test_loss": self.best_test,
+                "best_hparams": self.best_hparams, "curve": self.curve}
+
+
+def train_plain(
+    dataset: str, values: dict[str, float], data, args, tracker: Tracker, seed: int,
+    epochs: int, eval_every: int = 0,
+) -> float:
+    """The plain model at fixed hyperparameters for ``epochs`` epochs (or until the deadline);
+    returns its final validation loss. ``eval_every`` also scores it along the way."""
+    torch.manual_seed(seed)
+    model = build_model(dataset)
+    for name, module in dropout_modules(dataset, model).items():
+        module.p = values[name]
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    cutout = ht.Cutout() if dataset != "mnist" else None
+    loader = TensorLoader(*data["train"], args.batch_size, seed=seed)
+    step = 0
+    for _ in range(epochs):
+        for x, y in loader:
+            if tracker.budget.exhausted():
+                break
+            if dataset == "mnist" and values["input_dropout"] > 0:
+                x = dropout_per_example(x, torch.tensor([values["input_dropout"]]))
+            if cutout is not None:
+                x = cutout.apply(x, {"holes": torch.tensor([round(values["cutout:holes"])]),
+                                     "length": torch.tensor([round(values["cutout:length"])])})
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            step += 1
+            if eval_every and step % eval_every == 0:
+                tracker.score(model, data, values)
+    return tracker.score(model, data, values)
+
+
+def sample_random(space: dict[str, tuple[float, float, bool]], rng: random.Random) -> dict[str, float]:
+    return {k: float(round(rng.uniform(lo, hi))) if disc else rng.uniform(lo, hi) for k, (lo, hi, disc) in space.items()}
+
+
+def run_search(method: str, dataset: str, data, args, seed: int) -> dict[str, Any]:
+    tracker = Tracker(method, Budget(args.budget))
+    space = search_space(dataset)
+    rng = random.Random(seed)
+    trial = 0
+    if method == "untuned":  # one run at the initial values for the whole budget, like the STN runs
+        train_plain(dataset, initial_values(dataset), data, args, tracker, seed, 10**9, args.eval_every)
+        trial = 1
+    elif method == "random":
+        while not tracker.budget.exhausted():
+            train_plain(dataset, sample_random(space, rng), data, args, tracker, seed + trial, args.trial_epochs)
+            trial += 1
+    elif method == "optuna":
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
+        study.enqueue_trial(initial_values(dataset))
+
+        def objective(t: "optuna.Trial") -> float:
+            values = {k: float(t.suggest_int(k, int(lo), int(hi)) if disc else t.suggest_float(k, lo, hi))
+                      for k, (lo, hi, disc) in space.items()}
+            return train_plain(dataset, values, data, args, tracker, seed + t.number, args.trial_epochs)
+
+        while not tracker.budget.exhausted():
+            study.optimize(objective, n_trials=1)
+            trial += 1
+    out = tracker.result(data)
+    out["trials"] = trial
+    return out
+
+
+def hyper_specs(dataset: str) -> dict[str, Any]:
+    if dataset == "mnist":
+        return {"input_dropout": ht.InputDropout(init=DROPOUT_INIT, high=DROPOUT_HIGH),
+                "dropout": ht.DropoutRate(init=DROPOUT_INIT, high=DROPOUT_HIGH, per_site=True)}
+    return {"dropout": ht.DropoutRate(init=DROPOUT_INIT, high=DROPOUT_HIGH, per_site=True),
+            "cutout": ht.Cutout(holes=ht.HParam(init=1, low=0, high=4, discrete=True),
+                                length=ht.HParam(init=4, low=0, high=20, discrete=True))}
+
+
+def run_stn(mode: str, dataset: str, data, args, seed: int, out_dir: Path | None) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    tracker = Tracker(mode, Budget(args.budget))
+    model = ht.HyperModel.wrap(build_model(dataset), hyper_specs(dataset))
+    opt = ht.DeltaSTNOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9), mode=mode,  # type: ignore[arg-type]
+        warmup_steps=args.warmup_steps, **args.stn_options,
+    )
+    loader = TensorLoader(*data["train"], args.batch_size, seed=seed)
+    val_stream = TensorLoader(*data["val"], args.batch_size, seed=seed + 1).cycle()
+    step, done = 0, False
+    while not done:
+        for x, y in loader:
+            if tracker.budget.exhausted():
+                done = True
+                break
+            opt.train_step(x, y, F.cross_entropy)
+            step += 1
+            if step % 5 == 0:
+                opt.val_step(*next(val_stream), F.cross_entropy)
+            if step % args.eval_every == 0:
+                tracker.score(model, data, model.hparam_values())
+    tracker.score(model, data, model.hparam_values())
+    final_hparams = model.hparam_values()
+    out = tracker.result(data)
+    out["steps"] = step
+    out["final_hparams"] = final_hparams
+    if out_dir is not None:
+        schedule = [{"step": r.step, "kind": r.kind, "loss": r.loss, **r.hparams} for r in opt.history]
+        (out_dir / f"schedule_{dataset}_{mode}_seed{seed}.json").write_text(json.dumps(schedule))
+    return out
+
+
+def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        if r["curve"]:
+            t, v = zip(*r["curve"])
+            ax.step(t, v, where="post", label=f"{r['method']} (seed {r['seed']})")
+    ax.set_xlabel("wall-clock seconds")
+    ax.set_ylabel("best validation loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["mnist", "fashionmnist"], default="fashionmnist")
+    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    parser.add_argument("--methods", default="untuned,random,optuna,stn,centered,delta")
+    parser.add_argument("--budget", type=float, default=600.0, help="wall-clock seconds per method")
+    parser.add_argument("--train-subset", type=int, default=0, help="use this many training examples (0: all)")
+    parser.add_argument("--val-subset", type=int, default=0, help="score on this many validation examples (0: all)")
+    parser.add_argument("--trial-epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--warmup-steps", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--response-fraction", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--png", default=None)
+    args = parser.parse_args(argv)
+    args.stn_options = {} if args.response_fraction == 1.0 else {"response_fraction": args.response_fraction}
+    torch.set_num_threads(args.threads)
+    data = load_image_classification(args.dataset, args.data_root, val_fraction=0.15, seed=0)
+    if args.train_subset:
+        data["train"] = tuple(t[: args.train_subset] for t in data["train"])  # type: ignore[assignment]
+    if args.val_subset:
+        data["val"] = tuple(t[: args.val_subset] for t in data["val"])  # type: ignore[assignment]
+    out_dir = Path(args.json).parent if args.json else None
+    results = []
+    print(f"{'method':>9} {'seed':>4} {'best val':>9} {'test':>8}  hyperparameters")
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for method in args.methods.split(","):
+            if method == "optuna":
+                try:
+                    import optuna  # noqa: F401
+                except ImportError:
+                    print("optuna not installed: skipping (pip install optuna)")
+                    continue
+            if method in ("stn", "centered", "delta"):
+                r = run_stn(method, args.dataset, data, args, seed, out_dir)
+            else:
+                r = run_search(method, args.dataset, data, args, seed)
+            r.update({"dataset": args.dataset, "seed": seed, "budget_s": args.budget})
+            results.append(r)
+            hp = ", ".join(f"{k}={v:.3g}" for k, v in r["best_hparams"].items())
+            print(f"{method:>9} {seed:>4} {r['best_val_loss']:9.4f} {r['test_loss']:8.4f}  {hp}", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.png:
+        plot(results, Path(args.png), f"{args.dataset}: best validation loss at equal budget")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Checkpoint and resume a tuning run in one call each.
+
+::
+
+    ht.checkpoint.save("run.pt", model=model, optimizer=opt, schedulers=[sched], extra={"epoch": e})
+    ...
+    extra = ht.checkpoint.load("run.pt", model=model, optimizer=opt, schedulers=[sched])
+
+A checkpoint holds the model's state (w₀, Θ, λ, σ, buffers), every inner optimizer of the
+:class:`~hypertune.DeltaSTNOptimizer` with its step counters and History, the GradScaler, the LR
+schedulers, the RNG states (torch CPU and CUDA, numpy, Python ``random``), a format version and a
+fingerprint of the model (state names and shapes, tuned hyperparameter names). On CPU, resuming
+reproduces the uninterrupted run bit for bit, provided the data order is a function of what
+was saved (put the epoch/batch position in ``extra``).
+
+The file is written atomically: a temporary file in the same directory, flushed and fsynced,
+then renamed over ``path``; a crash leaves the previous checkpoint intact. ``load`` checks
+everything it can before it changes anything (format, version, fingerprint, optimizer and
+scheduler layout), and if applying the state still fails it puts back what it had changed: a
+model is never left half-loaded.
+
+Distributed (DDP): call both on every rank. ``save`` gathers every rank's RNG state and rank 0
+writes the file; ``load`` reads it on every rank and each rank takes its own RNG state back.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .distributed import _inner_hyper_model
+from .errors import StateDictError
+from .model import HyperModel
+
+__all__ = ["save", "load", "fingerprint", "FORMAT", "VERSION"]
+
+FORMAT = "hypertune.checkpoint"
+VERSION = 1
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint must match: the HyperModel's state names and shapes and its tuned names."""
+    hm = _inner_hyper_model(model)
+    return {
+        "state": [[name, list(t.shape)] for name, t in hm.state_dict().items()],
+        "hparams": list(hm.hparams.names),
+    }
+
+
+def _digest(fp: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    else:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        }
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())  # map_location may have moved it
+    random.setstate(_tuples(state["python"]))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if state.get("numpy") is not None:
+        import numpy as np
+
+        s = state["numpy"]
+        np.random.set_state(
+            (s["kind"], s["keys"].cpu().numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"])
+        )
+
+
+def _tuples(x: Any) -> Any:
+    """``random.setstate`` wants tuples where a round trip may have produced lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _optimizer_layout(state: Mapping[str, Any]) -> list[int]:
+    return [len(g["params"]) for g in state["param_groups"]]
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+# ---- save --------------------------------------------------------------------------------------
+def save(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: Any = None,
+    schedulers: Sequence[Any] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write everything needed to resume to ``path``, atomically.
+
+    Args:
+        model: the HyperModel (or DDP / torch.compile around it); saved without wrapper prefixes,
+            so a checkpoint moves between single-process, DDP and compiled runs.
+        optimizer: the DeltaSTNOptimizer (its inner optimizers, λ/σ, counters, History and
+            GradScaler), or any object with ``state_dict``.
+        schedulers: LR schedulers (or anything with ``state_dict``), restored in the same order.
+        extra: your own resumable state (epoch, batch index, best metric, ...); plain Python
+            values and tensors keep ``load``'s safe default ``weights_only=True`` usable.
+    """
+    hm = _inner_hyper_model(model)
+    fp = fingerprint(hm)
+    rank, world = _distributed()
+    rng = _rng_state()
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, rng)
+        rng_all = gathered
+    else:
+        rng_all = [rng]
+    if rank == 0:
+        scaler = getattr(optimizer, "grad_scaler", None)
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "torch_version": str(torch.__version__),
+            "fingerprint": fp,
+            "digest": _digest(fp),
+            "model": hm.state_dict(),
+            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "optimizer_class": None if optimizer is None else type(optimizer).__name__,
+            "grad_scaler": None if scaler is None else scaler.state_dict(),
+            "schedulers": [s.state_dict() for s in schedulers],
+            "scheduler_classes": [type(s).__name__ for s in schedulers],
+            "rng": rng_all,
+            "extra": dict(extra or {}),
+        }
+        _atomic_save(payload, os.fspath(path))
+    if world > 1:
+        dist.barrier()
+
+
+# ---- load --------------------------------------------------------------------------------------
+def _check(ck: Any, path: str, hm: HyperModel, optimizer: Any, schedulers: Sequence[Any]) -> None:
+    """Everything that can be checked before anything is changed; raises StateDictError."""
+    where = f"checkpoint {path!r}"
+    if not isinstance(ck, Mapping) or ck.get("format") != FORMAT:
+        hint = ""
+        if isinstance(ck, Mapping) and ck.get("format") == "hypertune.DeltaSTNOptimizer":
+            hint = " (it is a bare DeltaSTNOptimizer.state_dict(): load it with opt.load_state_dict)"
+        raise StateDictError(
+            f"{where} is not a hypertune checkpoint (no {FORMAT!r} format tag){hint}; write one with "
+            "hypertune.checkpoint.save(path, model=..., optimizer=...)"
+        )
+    version = ck.get("version")
+    if version != VERSION:
+        raise StateDictError(
+            f"{where} has layout version {version}, this hypertune reads version {VERSION}: resume "
+            "it with the hypertune release that wrote it; nothing was loaded"
+        )
+    saved_fp, fp = ck.get("fingerprint", {}), fingerprint(hm)
+    if saved_fp != fp:
+        saved_names, names = list(saved_fp.get("hparams", [])), fp["hparams"]
+        saved_state = {n: tuple(s) for n, s in saved_fp.get("state", [])}
+        state = {n: tuple(s) for n, s in fp["state"]}
+        problems = []
+        if saved_names != names:
+            problems.append(f"it tunes {saved_names}, this model tunes {names}")
+        missing = [n for n in state if n not in saved_state]
+        unexpected = [n for n in saved_state if n not in state]
+        shapes = [f"{n}: {saved_state[n]} vs {state[n]}" for n in state if n in saved_state and saved_state[n] != state[n]]
+        if missing:
+            problems.append(f"it lacks {len(missing)} entr(ies) of this model: {missing[:5]}")
+        if unexpected:
+            problems.append(f"it has {len(unexpected)} entr(ies) this model lacks: {unexpected[:5]}")
+        if shapes:
+            problems.append(f"{len(shapes)} shape(s) differ (checkpoint vs model): {shapes[:5]}")
+        if not problems:
+            problems.append("the state order differs")
+        raise StateDictError(
+            f"{where} was written for a different model (fingerprint {ck.get('digest')} vs "
+            f"{_digest(fp)}): " + "; ".join(problems) + ". Wrap the same model with the same "
+            "hyperparameters before loading; nothing was loaded"
+        )
+    saved_opt = ck.get("optimizer")
+    if optimizer is not None:
+        if saved_opt is None:
+            raise StateDictError(f"{where} holds no optimizer state; load it without optimizer=")
+        if ck.get("optimizer_class") != type(optimizer).__name__:
+            raise StateDictError(
+                f"{where} holds the state of a {ck.get('optimizer_class')}, not of a {type(optimizer).__name__}"
+            )
+        current = optimizer.state_dict()
+        if isinstance(current, Mapping) and current.get("format") == "hypertune.DeltaSTNOptimizer":
+            for key in ("version", "mode", "hparam_names"):
+                if saved_opt.get(key) != current.get(key):
+                    raise StateDictError(
+                        f"{where}: the optimizer was saved with {key}={saved_opt.get(key)!r}, this one has "
+                        f"{current.get(key)!r}; nothing was loaded"
+                    )
+            inner = ("optimizer", "response_optimizer", "hyper_optimizer")
+        else:
+            inner = (None,)
+        for key in inner:
+            a = saved_opt if key is None else saved_opt.get(key)
+            b = current if key is None else current[key]
+            if not (isinstance(a, Mapping) and "param_groups" in a) or _optimizer_layout(a) != _optimizer_layout(b):
+                raise StateDictError(
+                    f"{where}: the {key or 'optimizer'}'s parameter groups differ (checkpoint "
+                    f"{_optimizer_layout(a) if isinstance(a, Mapping) and 'param_groups' in a else '?'} "
+                    f"vs {_optimizer_layout(b)} parameters per group); build the optimizer the same way "
+                    "as in the run that saved it; nothing was loaded"
+                )
+    classes = list(ck.get("scheduler_classes", []))
+    if len(schedulers) != len(classes) or any(
+        c != type(s).__name__ for c, s in zip(classes, schedulers)
+    ):
+        raise StateDictError(
+            f"{where} holds schedulers {classes}, given {[type(s).__name__ for s in schedulers]}; "
+            "pass the same schedulers in the same order; nothing was loaded"
+        )
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: Any = None,
+    schedulers: Sequence[Any] = (),
+    map_location: Any = None,
+    restore_rng: bool = True,
+    weights_only: bool = True,
+) -> dict[str, Any]:
+    """Restore what :func:`save` wrote into ``model``, ``optimizer`` and ``schedulers``; return ``extra``.
+
+    Refuses, with a StateDictError and before changing anything, a file that is not a hypertune
+    checkpoint, one of another layout version, one written for a different model (state names,
+    shapes or tuned hyperparameters differ), or one whose optimizer/schedulers do not match.
+    ``map_location`` defaults to the model's device. ``weights_only=False`` is needed only if
+    ``extra`` or a scheduler holds arbitrary Python objects (load only files you trust then).
+    """
+    hm = _inner_hyper_model(model)
+    path = os.fspath(path)
+    if map_location is None:
+        map_location = hm.hparams.unconstrained.device
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise StateDictError(f"could not read checkpoint {path!r}: {err}") from err
+    _check(ck, path, hm, optimizer, schedulers)
+
+    # Apply, undoing everything if any part fails after the checks.
+    scaler = getattr(optimizer, "grad_scaler", None) if optimizer is not None else None
+    backup_model = {k: v.detach().clone() for k, v in hm.state_dict().items()}
+    backup_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    backup_sched = [copy.deepcopy(s.state_dict()) for s in schedulers]
+    backup_scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
+    try:
+        hm.load_state_dict(ck["model"], strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(ck["optimizer"])
+            if scaler is not None and ck.get("grad_scaler"):
+                scaler.load_state_dict(ck["grad_scaler"])
+        for s, state in zip(schedulers, ck["schedulers"]):
+            s.load_state_dict(state)
+    except Exception as err:
+        hm.load_state_dict(backup_model, strict=True)
+        if optimizer is not None and backup_opt is not None:
+            optimizer.load_state_dict(backup_opt)
+        if scaler is not None and backup_scaler is not None:
+            scaler.load_state_dict(backup_scaler)
+        for s, state in zip(schedulers, backup_sched):
+            s.load_state_dict(state)
+        raise StateDictError(
+            f"checkpoint {path!r} could not be applied ({type(err).__name__}: {err}); the model, "
+            "optimizer and schedulers were put back as they were"
+        ) from err
+    if restore_rng:
+        rank, world = _distributed()
+        states = ck.get("rng") or []
+        if len(states) == world:
+            _set_rng_state(states[rank])
+        elif states:
+            warnings.warn(
+                f"checkpoint {path!r} holds RNG states of {len(states)} rank(s) but this run has "
+                f"{world}: the RNG states were not restored (the run resumes, but not bit for bit)",
+                stacklevel=2,
+            )
+    return dict(ck.get("extra") or {})

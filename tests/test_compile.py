@@ -1,0 +1,115 @@
+"""torch.compile: a compiled HyperModel runs train_step/val_step, matches eager bit for bit, has no
+graph breaks, and moving λ or σ compiles nothing new.
+
+The backends are eager and aot_eager (AOT autograd tracing, no code generation) to keep CPU CI
+fast. aot_eager is the one on which a linearized forward *inside* a compiled graph silently lost
+its forward-AD tangent (Θ trained on the wrong loss), which is why delta mode runs that one pass
+eagerly; the delta test runs on it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+import hypertune as ht
+
+pytestmark = pytest.mark.skipif(
+    getattr(torch.compiler, "set_stance", None) is None, reason="needs torch >= 2.6"
+)
+
+
+class Counting:
+    """A compile backend that counts the graphs it is handed, then hands them to ``inner``."""
+
+    def __init__(self, inner: str = "aot_eager") -> None:
+        self.inner = torch._dynamo.lookup_backend(inner)
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self.inner(gm, example_inputs)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _build() -> ht.HyperModel:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
+    return ht.HyperModel.wrap(net, {"drop": ht.DropoutRate(init=0.2), "wd": ht.WeightDecay(init=1e-3)})
+
+
+def _batches(n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(n)]
+
+
+def _run(mode: str, backend=None, steps: int = 3):
+    hm = _build()
+    model = hm if backend is None else torch.compile(hm, backend=backend)
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(hm.parameters(), lr=0.05, momentum=0.9), mode=mode)
+    torch.manual_seed(7)
+    for x, y in _batches(steps):
+        opt.train_step(x, y, F.cross_entropy)
+        opt.val_step(x, y, F.cross_entropy)
+    return hm, opt
+
+
+@pytest.mark.parametrize(
+    "mode,backend",
+    [
+        ("delta", "aot_eager"),
+        ("centered", "eager"),
+        pytest.param("stn", "eager", marks=pytest.mark.slow),
+        pytest.param("centered", "aot_eager", marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_steps_match_eager_bit_for_bit(mode, backend):
+    eager, _ = _run(mode, steps=2)
+    compiled, opt = _run(mode, backend=Counting(backend), steps=2)
+    for k, v in eager.state_dict().items():
+        assert torch.equal(v, compiled.state_dict()[k]), k
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert opt.history.series("loss")[1]
+
+
+def test_moving_lambda_and_sigma_compiles_nothing_new():
+    backend = Counting("eager")
+    hm, opt = _run("delta", backend=backend, steps=2)  # warm-up: the w₀-step and λ-step graphs
+    graphs = backend.graphs
+    assert 1 <= graphs <= 4
+    with torch.no_grad():
+        hm.hparams.unconstrained.add_(torch.tensor([0.7, -1.3]))
+        hm.hparams.raw_scale.sub_(0.5)
+    before = hm.hparams.values()
+    for x, y in _batches(3, seed=2):
+        opt.train_step(x, y, F.cross_entropy)
+        opt.val_step(x, y, F.cross_entropy)
+    assert hm.hparams.values() != before
+    assert backend.graphs == graphs
+    assert not counters["recompiles"] and not counters["graph_break"]
+
+
+@pytest.mark.slow
+def test_module_compile_in_place_is_handled():
+    """``model.compile()`` compiles in place (no OptimizedModule): the Θ step still runs eagerly."""
+    eager, _ = _run("delta", steps=2)
+    hm = _build()
+    hm.compile(backend=Counting("eager"))
+    opt = ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.05, momentum=0.9))
+    torch.manual_seed(7)
+    for x, y in _batches(2):
+        opt.train_step(x, y, F.cross_entropy)
+        opt.val_step(x, y, F.cross_entropy)
+    for k, v in eager.state_dict().items():
+        assert torch.equal(v, hm.state_dict()[k]), k

@@ -275,3 +275,35 @@ def test_response_every_skips_theta_steps_and_fraction_takes_leading_rows():
     for bad in ({"response_every": 0}, {"response_fraction": 0.0}, {"response_fraction": 1.5}):
         with pytest.raises(ht.HyperTuneError):
             ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), **bad)
+
+
+def test_hyper_layers_used_functionally_are_refused_on_the_first_step():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(F.linear(x, self.proj.weight, self.proj.bias))
+
+    model = ht.HyperModel.wrap(Functional(), {"wd": ht.WeightDecay()})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = _snapshot(model)
+    with pytest.raises(ht.HyperTuneError, match=r"exclude=\['proj'\]"):
+        opt.train_step(*_batch(0), F.cross_entropy)
+    _assert_same(before, _snapshot(model))
+    assert opt.train_steps == 0
+
+
+def test_missing_forward_derivative_names_the_fix():
+    net = nn.Sequential(nn.Linear(6, 8), nn.Hardsigmoid(), nn.Linear(8, 3))
+    model = ht.HyperModel.wrap(net, {"wd": ht.WeightDecay()})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    theta = [p.detach().clone() for p in model.response_parameters()]
+    with pytest.raises(ht.HyperTuneError, match="mode='centered'"):
+        opt.train_step(*_batch(0), F.cross_entropy)
+    assert all(torch.equal(a, p) for a, p in zip(theta, model.response_parameters()))
+    other = ht.HyperModel.wrap(nn.Sequential(nn.Linear(6, 8), nn.Hardsigmoid(), nn.Linear(8, 3)), {"wd": ht.WeightDecay()})
+    centered = ht.DeltaSTNOptimizer(other, torch.optim.SGD(other.parameters(), lr=0.1), mode="centered")
+    assert math.isfinite(centered.train_step(*_batch(0), F.cross_entropy).loss)

@@ -108,6 +108,32 @@ def _split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (inputs,), {}
 
 
+@contextmanager
+def _call_census(hm: HyperModel, active: bool) -> Iterator[set[str]]:
+    """Record which hyper-layers a forward pass calls (first step only: hooks cost a little)."""
+    called: set[str] = set()
+    handles = []
+    if active:
+        for path, layer in hm.hyper_layers().items():
+            handles.append(layer.register_forward_pre_hook(lambda *_, p=path: called.add(p)))
+    try:
+        yield called
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _uncalled_error(hm: HyperModel, called: set[str]) -> HyperTuneError | None:
+    missing = [p for p in hm.hyper_layers() if p not in called]
+    if not missing:
+        return None
+    return HyperTuneError(
+        f"the model's forward never called hyper-layer(s) {missing}: it uses their weights directly "
+        "(e.g. F.linear(x, self.proj.weight)), so their response Θ could never learn. Re-wrap with "
+        f"HyperModel.wrap(..., exclude={missing!r}); nothing was updated"
+    )
+
+
 def _first_rows(tree: Any, rows: int, n: int) -> Any:
     """The first ``n`` examples of every batched tensor in ``tree`` (others unchanged)."""
     if n == rows:
@@ -487,9 +513,11 @@ class DeltaSTNOptimizer:
             hm.evaluated_at(point),
             hm.collecting_activations(),
         ):
-            with self._autocast():
+            with self._autocast(), _call_census(hm, self.train_steps == 0) as called:
                 out = self.model(*args, **kwargs)
                 data_loss, total = self._objective(out, target, loss_fn, point)
+            if self.train_steps == 0:
+                self._refuse_uncalled(called, stats)
             taken = self._update(total, self._base_params, [self.optimizer], "w₀ step", stats)
         return float(data_loss.detach()), taken
 
@@ -511,15 +539,36 @@ class DeltaSTNOptimizer:
             hm.evaluated_at(point),
             hm.collecting_activations(),
         ):
-            with self._autocast():
-                if point.linearize:
-                    with _eager():
-                        out = linearized_call(lambda: self._local_model(*args, **kwargs))
-                else:
-                    out = self._local_model(*args, **kwargs)
-                data_loss, total = self._objective(out, target, loss_fn, point)
-            taken = self._update(total, self._response_params, [self.response_optimizer], "Θ step")
+            try:
+                with self._autocast():
+                    if point.linearize:
+                        with _eager():
+                            out = linearized_call(lambda: self._local_model(*args, **kwargs))
+                    else:
+                        out = self._local_model(*args, **kwargs)
+                    data_loss, total = self._objective(out, target, loss_fn, point)
+                taken = self._update(total, self._response_params, [self.response_optimizer], "Θ step")
+            except (NotImplementedError, RuntimeError) as err:
+                if not point.linearize or "not implemented" not in str(err).lower():
+                    raise
+                for p in self._response_params:
+                    p.grad = None
+                raise HyperTuneError(
+                    "Δ-STN's linearized Θ step needs forward-mode derivatives (and their backward) of "
+                    f"every op in the model's forward, and PyTorch lacks one here: {err}. Use "
+                    "mode='centered', which does not linearize; Θ was not updated"
+                ) from err
         return float(data_loss.detach()), taken
+
+    def _refuse_uncalled(self, called: set[str], stats: Sequence[tuple[Tensor, Tensor]]) -> None:
+        error = _uncalled_error(self.hyper_model, called)
+        if error is None:
+            return
+        with torch.no_grad():
+            for buf, saved in stats:
+                buf.copy_(saved)
+        self._zero_grad()
+        raise error
 
     def _stn_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, loss_fn: LossFn, rows: int) -> tuple[float, bool]:
         hm = self.hyper_model
@@ -527,9 +576,11 @@ class DeltaSTNOptimizer:
         self._follow_lr()
         stats = _running_stats(hm)
         with _no_grad_for(self._hyper_params), hm.evaluated_at(point), hm.collecting_activations():
-            with self._autocast():
+            with self._autocast(), _call_census(hm, self.train_steps == 0) as called:
                 out = self.model(*args, **kwargs)
                 data_loss, total = self._objective(out, target, loss_fn, point)
+            if self.train_steps == 0:
+                self._refuse_uncalled(called, stats)
             taken = self._update(
                 total,
                 self._base_params + self._response_params,

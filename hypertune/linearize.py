@@ -9,12 +9,44 @@ and the primal path builds no autograd graph: only the tangent depends on Θ.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
+
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover
+    sdpa_kernel = None
+
+
+class _LinearizableOps(TorchFunctionMode):
+    """Rewrites, exactly, ops whose forward-AD formula PyTorch cannot differentiate again.
+
+    The Θ step backpropagates through the tangent. ``F.hardsigmoid``'s tangent is computed by
+    ``hardsigmoid_backward``, which has no derivative ("derivative for
+    aten::hardsigmoid_backward is not implemented"; MobileNetV3's squeeze-excitation);
+    ``relu6(x + 3) / 6`` is the same function built from differentiable ops.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            return F.relu6(args[0] + 3.0) / 6.0
+        return func(*args, **kwargs)
+
+
+def _math_attention():
+    """Fused attention kernels (flash / memory-efficient, on CPU and CUDA) have no forward-AD
+    formula; nn.MultiheadAttention and F.scaled_dot_product_attention use the math kernel."""
+    if sdpa_kernel is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _linearized(t: Any) -> Any:
@@ -26,6 +58,6 @@ def _linearized(t: Any) -> Any:
 
 def linearized_call(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` (a forward in linearize mode) and return every output as primal + tangent."""
-    with fwAD.dual_level():
+    with fwAD.dual_level(), _math_attention(), _LinearizableOps():
         out = fn()
         return pytree.tree_map(_linearized, out)

@@ -115,6 +115,17 @@ def _sites(model: nn.Module) -> list[Site]:
     return list(by_id.values())
 
 
+# Modules that read their children's weights without calling them (so a hyper-layer's forward
+# would never run and its Θ never learn): nn.MultiheadAttention, and torchvision's Swin window
+# attention, which passes qkv.weight / proj.weight to a functional kernel. Matched by class name
+# so torchvision need not be imported.
+_FUNCTIONAL_WEIGHT_USERS = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+
+
+def _uses_weights_functionally(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__ in _FUNCTIONAL_WEIGHT_USERS
+
+
 def _inside_attention(path: str, attention_paths: list[str]) -> bool:
     return any(path.startswith(a + ".") or (a == "" and path) for a in attention_paths)
 
@@ -137,7 +148,7 @@ def plan(
     sites = _sites(model)
     exclude = tuple(exclude or ())
     explicit = tuple(targets) if targets is not None else None
-    attention = [p for p, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    attention = [p for p, m in model.named_modules() if _uses_weights_functionally(m)]
     result = SurgeryPlan()
 
     for site in sites:

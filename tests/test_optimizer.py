@@ -296,14 +296,33 @@ def test_hyper_layers_used_functionally_are_refused_on_the_first_step():
     assert opt.train_steps == 0
 
 
+class _NoJvpReLU(torch.autograd.Function):
+    """A user's custom op with a backward but no jvp: forward-mode AD cannot pass it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class _NoJvp(nn.Module):
+    def forward(self, x):
+        return _NoJvpReLU.apply(x)
+
+
 def test_missing_forward_derivative_names_the_fix():
-    net = nn.Sequential(nn.Linear(6, 8), nn.Hardsigmoid(), nn.Linear(8, 3))
+    net = nn.Sequential(nn.Linear(6, 8), _NoJvp(), nn.Linear(8, 3))
     model = ht.HyperModel.wrap(net, {"wd": ht.WeightDecay()})
     opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
     theta = [p.detach().clone() for p in model.response_parameters()]
     with pytest.raises(ht.HyperTuneError, match="mode='centered'"):
         opt.train_step(*_batch(0), F.cross_entropy)
     assert all(torch.equal(a, p) for a, p in zip(theta, model.response_parameters()))
-    other = ht.HyperModel.wrap(nn.Sequential(nn.Linear(6, 8), nn.Hardsigmoid(), nn.Linear(8, 3)), {"wd": ht.WeightDecay()})
+    other = ht.HyperModel.wrap(nn.Sequential(nn.Linear(6, 8), _NoJvp(), nn.Linear(8, 3)), {"wd": ht.WeightDecay()})
     centered = ht.DeltaSTNOptimizer(other, torch.optim.SGD(other.parameters(), lr=0.1), mode="centered")
     assert math.isfinite(centered.train_step(*_batch(0), F.cross_entropy).loss)

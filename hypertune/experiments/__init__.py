@@ -4,7 +4,8 @@ The models are ordinary nn.Modules with ordinary nn.Dropout layers, written the 
 write them; hypertune tunes them through ``HyperModel.wrap`` alone.
 """
 
-from .cifar import alexnet_cifar, cifar_model, resnet18_cifar, vgg16_cifar
+from typing import Any
+
 from .data import TensorLoader, load_image_classification, split_train_val
 from .models import SimpleCNN, mnist_mlp
 from .ptb import BPTTLoader, Corpus, LSTMLanguageModel, batchify, evaluate_lm, lm_loss
@@ -26,3 +27,15 @@ __all__ = [
     "lm_loss",
     "evaluate_lm",
 ]
+
+# The CIFAR-10 models subclass torchvision's ResNet blocks: imported on first use, so that
+# ``import hypertune.experiments`` does not pay for ``torchvision.models``.
+_CIFAR = ("alexnet_cifar", "vgg16_cifar", "resnet18_cifar", "cifar_model")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CIFAR:
+        from . import cifar
+
+        return getattr(cifar, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

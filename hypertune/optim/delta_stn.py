@@ -549,7 +549,11 @@ class DeltaSTNOptimizer:
                     data_loss, total = self._objective(out, target, loss_fn, point)
                 taken = self._update(total, self._response_params, [self.response_optimizer], "Θ step")
             except (NotImplementedError, RuntimeError) as err:
-                if not point.linearize or "not implemented" not in str(err).lower():
+                # NotImplementedError: no forward-AD formula ("... has not been implemented yet",
+                # "You must implement the jvp function ..."); RuntimeError: no backward of one.
+                if not point.linearize or (
+                    not isinstance(err, NotImplementedError) and "not implemented" not in str(err).lower()
+                ):
                     raise
                 for p in self._response_params:
                     p.grad = None

@@ -56,8 +56,19 @@ def _linearized(t: Any) -> Any:
     return primal if tangent is None else primal + tangent
 
 
-def linearized_call(fn: Callable[[], Any]) -> Any:
+def needs_op_rewrites(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds modules whose ops :class:`_LinearizableOps` must rewrite.
+
+    The rewrite intercepts every torch call of the forward, which costs on every step, so it is
+    switched on only for models that need it (a functional ``F.hardsigmoid`` in user code still
+    gets the clear error of the optimizer's Θ step).
+    """
+    return any(isinstance(m, torch.nn.Hardsigmoid) for m in model.modules())
+
+
+def linearized_call(fn: Callable[[], Any], rewrite_ops: bool = False) -> Any:
     """Run ``fn`` (a forward in linearize mode) and return every output as primal + tangent."""
-    with fwAD.dual_level(), _math_attention(), _LinearizableOps():
+    rewrite = _LinearizableOps() if rewrite_ops else contextlib.nullcontext()
+    with fwAD.dual_level(), _math_attention(), rewrite:
         out = fn()
         return pytree.tree_map(_linearized, out)

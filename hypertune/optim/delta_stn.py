@@ -22,7 +22,7 @@ from .. import distributed as _distributed
 from ..context import Perturbation
 from ..errors import HyperTuneError, NonFiniteLossError, StateDictError
 from ..history import History, Record
-from ..linearize import linearized_call
+from ..linearize import linearized_call, needs_op_rewrites
 from ..model import HyperModel
 
 Mode = Literal["delta", "centered", "stn"]
@@ -286,6 +286,7 @@ class DeltaSTNOptimizer:
             )
         self.autocast = autocast
         self.grad_scaler = grad_scaler
+        self._rewrite_ops = mode == "delta" and needs_op_rewrites(hm)
         self.mode: Mode = mode
         self.entropy_weight = float(entropy_weight)
         self.tune_scales = tune_scales
@@ -543,7 +544,9 @@ class DeltaSTNOptimizer:
                 with self._autocast():
                     if point.linearize:
                         with _eager():
-                            out = linearized_call(lambda: self._local_model(*args, **kwargs))
+                            out = linearized_call(
+                                lambda: self._local_model(*args, **kwargs), self._rewrite_ops
+                            )
                     else:
                         out = self._local_model(*args, **kwargs)
                     data_loss, total = self._objective(out, target, loss_fn, point)

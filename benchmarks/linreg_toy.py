@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,26 +41,39 @@ from torch import nn
 
 import hypertune as ht
 
+# torch's forward-AD decompositions (first Δ-STN step) still call the deprecated torch.jit.script
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+
 HPARAMS = ("weight_decay", "input_dropout")
 METHODS = ("delta", "centered", "stn")
 
-# Method settings: one set for all methods, data sets and hyperparameters.
+# Method settings: one set for all methods, data sets and hyperparameters, fixed on principle
+# (see RESULTS.md, "## linreg_toy", for the reasoning and what the alternatives did).
 SETTINGS = {
-    # data: the training subset has 2 examples per weight, so regularization matters; the
-    # validation subset is the next 200 examples of the same (seeded) permutation of the
-    # official training split.
+    # Data: 2 training examples per weight, so that regularization matters; the validation
+    # subset is the next 200 examples of the same seeded permutation of the official train split.
     "train_per_feature": 2,
     "n_val": 200,
-    # full-batch training; one train step (w0 step + Θ step) then one val step (λ, σ step)
-    "steps": 4000,
-    "warmup_steps": 200,  # w0 and Θ settle before λ moves
-    "lr": 0.05,  # SGD with momentum for w0 (Θ gets a clone of it, as the library does)
-    "lr_final": 0.05,  # w0's (and so Θ's) LR is cosine-annealed to this after warm-up
+    # Full-batch training: one train step (w0 step, then Θ step) and one val step (λ, σ) each.
+    "steps": 20000,
+    "warmup_steps": 1000,  # w0 and Θ settle before λ moves
+    # w0: SGD with momentum, cosine-annealed after warm-up (Θ's LR follows the same schedule).
+    "lr": 0.01,
+    "lr_final": 0.001,
     "momentum": 0.9,
-    "hyper_lr": 0.01,  # RMSprop over (λ, σ) ...
-    "hyper_lr_final": 0.0,  # ... cosine-annealed to this over the post-warm-up steps
-    "entropy_weight": 1e-3,  # τ
+    # Θ: Adam. Θ estimates dw*/dλ, whose scale changes by orders of magnitude with λ
+    # (∝ c for weight decay at small c), through the bilinear P·W_resp factorization that starts
+    # at P = 0; SGD on it is scale-bound and crawls off that saddle, Adam is scale-free.
+    "response_optimizer": "adam",  # or "clone": the library default (a copy of w0's optimizer)
+    "response_lr": 1e-3,
+    # λ, σ: the library's RMSprop, cosine-annealed to 0 after warm-up (stochastic approximation).
+    "hyper_lr": 0.01,
+    "hyper_lr_final": 0.0,
+    "entropy_weight": 1e-3,  # τ; the σ it implies biases the fixed point by < 0.01 here
     "init_scale": 0.5,  # σ0 on the unconstrained scale
+    # One ε per step ("batch"), not per example: with full-batch training, per-example ε adds
+    # Θ-gradient noise Σ_i ε_i ∇ℓ_i(w0) that does not vanish at the optimum.
+    "perturb": "batch",
     "init": {"weight_decay": 1e-2, "input_dropout": 0.1},  # λ at step 0
     "dtype": "float64",
 }
@@ -177,15 +191,22 @@ class RidgePath:
         self.eig = np.clip(self.eig, 0.0, None)
         self.b = self.Q.T @ (Z.T @ y)
 
+    def _inverse(self, alpha: np.ndarray, power: int) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            inv = 1.0 / (self.eig + self.n * alpha[..., None]) ** power
+        # α = 0 with a singular XᵀX: the limit α→0 is the minimum-norm least-squares solution
+        # (b has no component in the null space, so those directions contribute nothing)
+        return np.where(np.isfinite(inv), inv, 0.0)
+
     def weights(self, alpha: np.ndarray | float) -> np.ndarray:
         """Shape (..., d) for α of shape (...)."""
         alpha = np.asarray(alpha, dtype=np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = 1.0 / (self.eig + self.n * alpha[..., None])
-        # α = 0 with a singular XᵀX: the limit α→0 is the minimum-norm least-squares solution
-        inv = np.where(np.isfinite(inv), inv, 0.0)
-        v = (inv * self.b) @ self.Q.T
-        return v * self.scale
+        return ((self._inverse(alpha, 1) * self.b) @ self.Q.T) * self.scale
+
+    def weights_derivative(self, alpha: np.ndarray | float) -> np.ndarray:
+        """dw/dα = -(XᵀX + NαD)⁻¹ N D w(α), shape (..., d)."""
+        alpha = np.asarray(alpha, dtype=np.float64)
+        return ((-self.n * self._inverse(alpha, 2) * self.b) @ self.Q.T) * self.scale
 
 
 def closed_form_weights(X: np.ndarray, y: np.ndarray, hparam: str, lam: float) -> np.ndarray:
@@ -224,13 +245,25 @@ class Optimum:
 
 
 def exact_optimum(problem: Problem, hparam: str) -> Optimum:
-    """λ* = argmin_λ validation MSE of w*(λ), to ~1e-12 in the tuning coordinate."""
+    """λ* = argmin_λ validation MSE of w*(λ), in float64.
+
+    A dense grid over the search space (uniform in ln c for weight decay, in p for dropout)
+    brackets the global minimum; inside the bracket the minimum is located by bisection on the
+    sign of the analytic derivative dV/dα (dα/dt > 0 on both scales), which resolves it to
+    machine precision where a search on V alone stops at ~sqrt(eps). λ* is on a bound when V
+    still decreases towards that bound.
+    """
     path = RidgePath(problem.X, problem.y, penalty_diag(problem.X, hparam))
+    Xv, yv = problem.Xv, problem.yv
 
     def val_loss(lam: np.ndarray | float) -> np.ndarray:
-        w = path.weights(alpha_of(hparam, lam))
-        r = w @ problem.Xv.T - problem.yv
+        r = path.weights(alpha_of(hparam, lam)) @ Xv.T - yv
         return (r * r).mean(-1)
+
+    def slope(lam: float) -> float:  # dV/dα; same sign as dV/dt
+        alpha = alpha_of(hparam, lam)
+        r = Xv @ path.weights(alpha) - yv
+        return float(2 * r @ (Xv @ path.weights_derivative(alpha)) / len(yv))
 
     if hparam == "weight_decay":
         lo, hi = WD_LOG_RANGE
@@ -241,17 +274,25 @@ def exact_optimum(problem: Problem, hparam: str) -> Optimum:
     t = np.linspace(lo, hi, GRID_POINTS)
     losses = val_loss(to_lam(t))
     i = int(np.argmin(losses))
-    a, b = t[max(i - 1, 0)], t[min(i + 1, len(t) - 1)]
-    t_star = golden_section(lambda s: float(val_loss(to_lam(s))), float(a), float(b))
-    # golden section never evaluates the end points; keep a bound if it is no worse
-    for edge in (lo, hi):
-        if float(val_loss(to_lam(edge))) <= float(val_loss(to_lam(t_star))):
-            t_star = edge
     on_bound = None
-    if abs(t_star - lo) <= 1e-9 * (hi - lo) or i == 0:
-        on_bound = "lower"
-    elif abs(t_star - hi) <= 1e-9 * (hi - lo) or i == len(t) - 1:
-        on_bound = "upper"
+    if i == 0 and slope(float(to_lam(lo))) >= 0:
+        t_star, on_bound = lo, "lower"
+    elif i == len(t) - 1 and slope(float(to_lam(hi))) <= 0:
+        t_star, on_bound = hi, "upper"
+    else:
+        a, b = float(t[max(i - 1, 0)]), float(t[min(i + 1, len(t) - 1)])
+        if slope(float(to_lam(a))) < 0 < slope(float(to_lam(b))):
+            for _ in range(200):  # bisection on the derivative's sign, to machine precision
+                m = 0.5 * (a + b)
+                if m in (a, b):
+                    break
+                if slope(float(to_lam(m))) < 0:
+                    a = m
+                else:
+                    b = m
+            t_star = 0.5 * (a + b)
+        else:  # no clean sign change (flat to rounding): golden section on V itself
+            t_star = golden_section(lambda s: float(val_loss(to_lam(s))), a, b)
     lam_star = float(to_lam(t_star))
     return Optimum(lam_star, float(val_loss(lam_star)), on_bound, to_lam(t), losses)
 
@@ -262,7 +303,14 @@ def exact_val_loss(problem: Problem, hparam: str, lam: float) -> float:
     return float(np.mean((problem.Xv @ w - problem.yv) ** 2))
 
 
-def score(hparam: str, lam: float, lam_star: float) -> float:
+def score(hparam: str, lam: float, lam_star: float, on_bound: str | None = None) -> float:
+    """|ln λ − ln λ*| (weight decay) or |p − p*| (dropout).
+
+    When λ* sits on a bound of the solver's search space, the validation loss still falls
+    towards that bound, so every λ beyond it is as good: the error is the distance to that set.
+    """
+    if on_bound == "lower" and lam <= lam_star or on_bound == "upper" and lam >= lam_star:
+        return 0.0
     if hparam == "weight_decay":
         return abs(math.log(lam) - math.log(lam_star))
     return abs(lam - lam_star)
@@ -282,14 +330,20 @@ def run_method(problem: Problem, hparam: str, method: str, seed: int, settings: 
     nn.init.zeros_(linear.weight)
     init, sigma0 = settings["init"][hparam], settings["init_scale"]
     spec = (
-        ht.WeightDecay(init=init, init_scale=sigma0)
+        ht.WeightDecay(init=init, init_scale=sigma0, perturb=settings["perturb"])
         if hparam == "weight_decay"
-        else ht.InputDropout(init=init, init_scale=sigma0)
+        else ht.InputDropout(init=init, init_scale=sigma0, perturb=settings["perturb"])
     )
     model = ht.HyperModel.wrap(linear, hparams={"lam": spec})
+    response = None  # "clone": the library builds a copy of w0's optimizer for Θ
+    if settings["response_optimizer"] == "adam":
+        response = torch.optim.Adam(model.response_parameters(), lr=settings["response_lr"])
+    elif settings["response_optimizer"] != "clone":
+        raise ValueError(f"response_optimizer={settings['response_optimizer']!r}")
     opt = ht.DeltaSTNOptimizer(
         model,
         torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"]),
+        response_optimizer=response,
         mode=method,
         hyper_lr=settings["hyper_lr"],
         entropy_weight=settings["entropy_weight"],
@@ -315,24 +369,31 @@ def run_method(problem: Problem, hparam: str, method: str, seed: int, settings: 
     sigma = np.empty(steps + 1)
     trace[0] = model.hparam_values()["lam"]
     sigma[0] = opt.scales()["lam"]
+    done, diverged = 0, None
     for k in range(steps):
-        opt.train_step(X, y, F.mse_loss)
-        r = opt.val_step(Xv, yv, F.mse_loss)
+        try:
+            opt.train_step(X, y, F.mse_loss)
+            r = opt.val_step(Xv, yv, F.mse_loss)
+        except ht.NonFiniteLossError as err:  # reported, not hidden: the run stops here
+            diverged = str(err).split(";")[0]
+            break
         if r.updated:
             schedule.step()
         base_schedule.step()
-        trace[k + 1] = r.hparams["lam"]
-        sigma[k + 1] = opt.scales()["lam"]
+        done = k + 1
+        trace[done] = r.hparams["lam"]
+        sigma[done] = opt.scales()["lam"]
     model.eval()
     with torch.no_grad():
         val_loss = float(F.mse_loss(model(Xv), yv))
     return {
         "lambda": float(model.hparam_values()["lam"]),
         "val_loss": val_loss,
-        "sigma": float(sigma[-1]),
-        "steps": steps,
-        "trace": trace,
-        "sigma_trace": sigma,
+        "sigma": float(sigma[done]),
+        "steps": done,
+        "diverged": diverged,
+        "trace": trace[: done + 1],
+        "sigma_trace": sigma[: done + 1],
     }
 
 
@@ -350,22 +411,25 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def run_one(data_dir: str, hparam: str, method: str, seed: int) -> tuple[dict, dict, Optimum, Problem]:
-    problem = load_problem(data_dir, seed)
+def run_one(
+    data_dir: str, hparam: str, method: str, seed: int, settings: dict = SETTINGS
+) -> tuple[dict, dict, Optimum, Problem]:
+    problem = load_problem(data_dir, seed, settings["train_per_feature"], settings["n_val"])
     optimum = exact_optimum(problem, hparam)
-    start = time.perf_counter()
-    out = run_method(problem, hparam, method, seed)
-    seconds = time.perf_counter() - start
+    start, cpu = time.perf_counter(), time.process_time()
+    out = run_method(problem, hparam, method, seed, settings)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     result = {
         "lambda": out["lambda"],
         "lambda_exact": optimum.lam,
-        "error": score(hparam, out["lambda"], optimum.lam),
+        "error": score(hparam, out["lambda"], optimum.lam, optimum.on_bound),
         "val_loss": out["val_loss"],
         "val_loss_exact": optimum.val_loss,
         "steps": out["steps"],
         # extras
         "val_loss_at_lambda": exact_val_loss(problem, hparam, out["lambda"]),
         "sigma": out["sigma"],
+        "diverged": out["diverged"],
         "lambda_exact_on_bound": optimum.on_bound,
         "dataset": problem.name,
         "hparam": hparam,
@@ -375,6 +439,7 @@ def run_one(data_dir: str, hparam: str, method: str, seed: int) -> tuple[dict, d
         "n_train": problem.n,
         "n_val": int(problem.Xv.shape[0]),
         "seconds": seconds,
+        "cpu_seconds": cpu,
     }
     return result, out, optimum, problem
 
@@ -384,12 +449,13 @@ def notice_bound(optimum: Optimum, hparam: str) -> None:
         lo, hi = (np.exp(WD_LOG_RANGE) if hparam == "weight_decay" else DROPOUT_RANGE)
         print(
             f"NOTICE: the exact optimum λ*={optimum.lam:.6g} lies on the {optimum.on_bound} bound of "
-            f"the search space [{lo:.3g}, {hi:.3g}]; the error is measured against that bound value.",
+            f"the search space [{lo:.3g}, {hi:.3g}]: regularization {'does not help' if optimum.on_bound == 'lower' else 'cannot be too strong'} "
+            "here, and the error is the distance to the bound (0 beyond it).",
             file=sys.stderr,
         )
 
 
-def make_figure(data_dir: str, hparam: str, seed: int, png: str) -> list[dict]:
+def make_figure(data_dir: str, hparam: str, seed: int, png: str, settings: dict = SETTINGS) -> list[dict]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,7 +464,7 @@ def make_figure(data_dir: str, hparam: str, seed: int, png: str) -> list[dict]:
     rows = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in METHODS:
-        result, out, optimum, problem = run_one(data_dir, hparam, method, seed)
+        result, out, optimum, problem = run_one(data_dir, hparam, method, seed, settings)
         rows.append(result)
         ax.plot(np.arange(len(out["trace"])), out["trace"], label=method)
     ax.axhline(optimum.lam, color="k", ls="--", lw=1, label="λ* (exact)")
@@ -424,16 +490,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", help="also write the λ and σ trajectories here (JSON)")
     parser.add_argument("--figure", metavar="PNG", help="run all three methods and plot λ vs step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny problem: 1 is fastest)")
+    parser.add_argument("--steps", type=int, help=f"override the number of steps ({SETTINGS['steps']}; for quick checks)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    settings = dict(SETTINGS)
+    if args.steps is not None:
+        settings["steps"] = args.steps
+        settings["warmup_steps"] = min(settings["warmup_steps"], args.steps // 4)
 
     if args.figure:
-        rows = make_figure(args.data_dir, args.hparam, args.seed, args.figure)
+        rows = make_figure(args.data_dir, args.hparam, args.seed, args.figure, settings)
         print_table(rows)
         return 0
 
-    result, out, optimum, _ = run_one(args.data_dir, args.hparam, args.method, args.seed)
+    result, out, optimum, _ = run_one(args.data_dir, args.hparam, args.method, args.seed, settings)
     notice_bound(optimum, args.hparam)
+    if result["diverged"]:
+        print(f"WARNING: the run stopped after {result['steps']} steps: {result['diverged']}", file=sys.stderr)
     print_table([result])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

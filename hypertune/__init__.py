@@ -16,10 +16,12 @@ from .errors import (
     StateDictError,
     WrapError,
 )
+from .global_response import GlobalBestResponse
 from .hyperparameters import HyperParameters
 from .model import HyperModel
 from .optim import DeltaSTNOptimizer, StepResult
 from . import checkpoint, distributed  # noqa: E402  (they import the optimizer)
+from .schedule import Schedule, ScheduleReplayer  # noqa: E402
 from .specs import (
     ActivationRegularization,
     DropConnect,
@@ -60,6 +62,9 @@ __all__ = [
     "PerturbationError",
     "NonFiniteLossError",
     "StateDictError",
+    "Schedule",
+    "ScheduleReplayer",
+    "GlobalBestResponse",
     "checkpoint",
     "distributed",
     "__version__",

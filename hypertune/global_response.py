@@ -17,7 +17,7 @@ best response a degree-``degree`` polynomial in λ instead of an affine one::
     for epoch in range(epochs):
         for x, y in train_loader:
             gbr.train_step(x, y, F.cross_entropy, optimizer)       # λ ~ prior, one per example
-    grid = {"weight_decay": np.logspace(-6, 0, 25)}
+    grid = {"weight_decay": log_grid(1e-6, 1.0, 25)}
     curve = gbr.validation_curve(grid, val_batches, F.cross_entropy)  # [(values, loss), ...]
     best = gbr.optimize(val_batches, F.cross_entropy)                 # Algorithm 2, second loop
     plain = gbr.unwrap_at(best)                                      # w_φ(λ*) as a plain module

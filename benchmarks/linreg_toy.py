@@ -12,8 +12,9 @@ optimum λ* is computed in float64 and the tuned value is scored against it:
 * input dropout rate ``p`` (inverted dropout): the expected training loss is
   ``(1/N)||Xw-y||² + (p/(1-p)) wᵀ diag(XᵀX/N) w``, a diagonal ridge; error = |p − p*|.
 
-λ* minimizes the validation MSE of w*(λ): a dense grid over the search space, then golden-section
-search in the bracket around the best grid point.
+λ* minimizes the validation MSE of w*(λ): a dense grid over the search space, then bisection on
+the sign of the analytic derivative in the bracket around the best grid point (machine
+precision); a NOTICE is printed if λ* lies on a bound of the search space.
 
     python benchmarks/linreg_toy.py --data-dir ../shared/datasets/uci/bostonHousing \\
         --hparam weight_decay --method delta --seed 0 --json out.json
@@ -188,14 +189,19 @@ class RidgePath:
         self.scale = 1 / np.sqrt(diag)
         Z = X * self.scale  # X D^{-1/2}
         self.eig, self.Q = np.linalg.eigh(Z.T @ Z)
-        self.eig = np.clip(self.eig, 0.0, None)
         self.b = self.Q.T @ (Z.T @ y)
+        # Directions with eigenvalue at rounding level are exactly null (energy has an exact
+        # linear relation among its features): zero them, as a pseudo-inverse would, so that a
+        # tiny α does not blow rounding noise in b up into huge weights.
+        null = self.eig <= 1e-10 * max(float(self.eig.max()), 1e-300)
+        self.eig = np.where(null, 0.0, self.eig)
+        self.b = np.where(null, 0.0, self.b)
 
     def _inverse(self, alpha: np.ndarray, power: int) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             inv = 1.0 / (self.eig + self.n * alpha[..., None]) ** power
         # α = 0 with a singular XᵀX: the limit α→0 is the minimum-norm least-squares solution
-        # (b has no component in the null space, so those directions contribute nothing)
+        # (b is zero in the null space, so those directions contribute nothing)
         return np.where(np.isfinite(inv), inv, 0.0)
 
     def weights(self, alpha: np.ndarray | float) -> np.ndarray:

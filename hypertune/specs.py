@@ -101,6 +101,16 @@ class HParam:
         return self.transform.inverse(float(self.init))
 
 
+def _rate_bounds(kind: str, spec: HParam) -> None:
+    if spec.low < 0:
+        raise SpecError(f"{kind}: low={spec.low} must be >= 0")
+    if spec.high >= 1:
+        raise SpecError(
+            f"{kind}: high={spec.high} must be < 1; at rate 1 everything is dropped and inverted "
+            "dropout divides by zero"
+        )
+
+
 @dataclass(frozen=True)
 class DropoutRate(HParam):
     """The drop probability of dropout modules in the model.
@@ -125,13 +135,7 @@ class DropoutRate(HParam):
                 f"DropoutRate: locked_dim={self.locked_dim!r} must be an axis >= 1 (the time axis of "
                 "batch-first sequences, e.g. 1), or None"
             )
-        if self.low < 0:
-            raise SpecError(f"DropoutRate: low={self.low} must be >= 0")
-        if self.high >= 1:
-            raise SpecError(
-                f"DropoutRate: high={self.high} must be < 1; at rate 1 every unit is dropped "
-                "and inverted dropout divides by zero"
-            )
+        _rate_bounds("DropoutRate", self)
         object.__setattr__(self, "targets", _as_targets(self.targets))
 
 
@@ -145,12 +149,7 @@ class InputDropout(HParam):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.low < 0:
-            raise SpecError(f"InputDropout: low={self.low} must be >= 0")
-        if self.high >= 1:
-            raise SpecError(
-                f"InputDropout: high={self.high} must be < 1; at rate 1 the whole input is dropped"
-            )
+        _rate_bounds("InputDropout", self)
 
 
 @dataclass(frozen=True)
@@ -173,13 +172,6 @@ class WeightDecay(HParam):
         if self.low < 0:
             raise SpecError(f"WeightDecay: low={self.low} must be >= 0")
         object.__setattr__(self, "targets", _as_targets(self.targets))
-
-
-def _rate_bounds(kind: str, spec: HParam) -> None:
-    if spec.low < 0:
-        raise SpecError(f"{kind}: low={spec.low} must be >= 0")
-    if spec.high >= 1:
-        raise SpecError(f"{kind}: high={spec.high} must be < 1; at rate 1 everything is dropped")
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,8 @@ def train_plain(
     loader = TensorLoader(*data["train"], args.batch_size, seed=seed)
     step = 0
     for _ in range(epochs):
+        if tracker.budget.exhausted():
+            break
         for x, y in loader:
             if tracker.budget.exhausted():
                 break

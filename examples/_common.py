@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python examples/x.py` from a checkout
     sys.path.insert(0, str(REPO))
 
-import hypertune as ht  # noqa: E402
+import hypertune as ht
+from hypertune.experiments import TensorLoader  # noqa: E402
 from hypertune.augment.base import Augmentation  # noqa: E402
 
 Metrics = dict[str, float]
@@ -430,6 +431,23 @@ def _initial_values(hparams: Mapping[str, Any]) -> dict[str, float]:
 
 
 # ---- evaluation of classifiers -----------------------------------------------------------------
+def image_loaders(
+    args: argparse.Namespace, data: Mapping[str, tuple[Tensor, Tensor]], *, smoke_batches: tuple[int, int] = (6, 4),
+    smoke_limit: int = 512,
+) -> tuple[Any, Any, int | None]:
+    """Train and validation loaders over in-memory splits (``--train-subset`` applied), cut to
+    a few batches under ``--smoke``; returns them with the evaluation limit for smoke runs."""
+    x, y = data["train"]
+    if args.train_subset:
+        x, y = x[: args.train_subset], y[: args.train_subset]
+    train_loader: Any = TensorLoader(x, y, args.batch_size, seed=args.seed)
+    val_loader: Any = TensorLoader(*data["val"], args.batch_size, seed=args.seed + 1)
+    if not args.smoke:
+        return train_loader, val_loader, None
+    n_train, n_val = smoke_batches
+    return Limited(train_loader, n_train), Limited(val_loader, n_val), smoke_limit
+
+
 def classification_evaluator(splits: Mapping[str, tuple[Tensor, Tensor]], batch_size: int = 1000,
                              limit: int | None = None) -> Callable[[nn.Module, str], Metrics]:
     """``evaluate(model, split)``: mean cross-entropy and accuracy of a split, in eval mode."""

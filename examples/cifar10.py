@@ -29,7 +29,7 @@ from torch import Tensor  # noqa: E402
 
 import _common  # noqa: E402
 import hypertune as ht  # noqa: E402
-from hypertune.experiments import TensorLoader, load_image_classification  # noqa: E402
+from hypertune.experiments import load_image_classification  # noqa: E402
 from hypertune.experiments.cifar import ARCHS, CIFAR_MEAN, CIFAR_STD, cifar_model  # noqa: E402
 
 
@@ -93,14 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         data = load_image_classification("cifar10", args.data_root, val_fraction=args.val_fraction, seed=0,
                                          device=device)
-    x, y = data["train"]
-    if args.train_subset:
-        x, y = x[: args.train_subset], y[: args.train_subset]
-    train_loader = TensorLoader(x, y, args.batch_size, seed=args.seed)
-    val_loader = TensorLoader(*data["val"], args.batch_size, seed=args.seed + 1)
-    limit = None
-    if args.smoke:
-        train_loader, val_loader, limit = _common.Limited(train_loader, 4), _common.Limited(val_loader, 2), 32
+    train_loader, val_loader, limit = _common.image_loaders(args, data, smoke_batches=(4, 2), smoke_limit=32)
     torch.manual_seed(args.seed)
     model = cifar_model(args.arch, num_classes=10, dropout=0.05)
     return _common.train(

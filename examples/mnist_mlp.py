@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import _common  # noqa: E402
 import hypertune as ht  # noqa: E402
-from hypertune.experiments import TensorLoader, load_image_classification, mnist_mlp  # noqa: E402
+from hypertune.experiments import load_image_classification, mnist_mlp  # noqa: E402
 
 
 def hparams(init_scale: float = 1.0) -> dict:
@@ -37,14 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
         _common.smoke_overrides(args)
     device = _common.setup(args)
     data = load_image_classification("mnist", args.data_root, val_fraction=args.val_fraction, seed=0, device=device)
-    x, y = data["train"]
-    if args.train_subset:
-        x, y = x[: args.train_subset], y[: args.train_subset]
-    train_loader = TensorLoader(x, y, args.batch_size, seed=args.seed)
-    val_loader = TensorLoader(*data["val"], args.batch_size, seed=args.seed + 1)
-    limit = None
-    if args.smoke:
-        train_loader, val_loader, limit = _common.Limited(train_loader, 6), _common.Limited(val_loader, 4), 512
+    train_loader, val_loader, limit = _common.image_loaders(args, data)
     torch.manual_seed(args.seed)
     model = mnist_mlp(hidden=1200, dropout=0.05)
     return _common.train(

@@ -75,15 +75,23 @@ class HyperParameters(nn.Module):
             value = torch.round(value).clamp(math.ceil(spec.low), math.floor(spec.high))
         return value
 
+    def _constrained_now(self) -> Tensor:
+        u = self.unconstrained.detach().unsqueeze(0)
+        return torch.stack([self.constrain(u, n)[0] for n in self.names])
+
     def values(self) -> dict[str, float]:
         """The current constrained values as Python floats (one device sync)."""
         with torch.no_grad():
-            u = self.unconstrained.detach().unsqueeze(0)
-            vals = torch.stack([self.constrain(u, n)[0] for n in self.names]).tolist()
-        return dict(zip(self.names, vals))
+            return dict(zip(self.names, self._constrained_now().tolist()))
 
     def scales(self) -> dict[str, float]:
         return dict(zip(self.names, self.scale.detach().tolist()))
+
+    def values_and_scales(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Both, with one device sync instead of two (the optimizer records them every step)."""
+        with torch.no_grad():
+            vals, scales = torch.stack([self._constrained_now(), self.scale.detach()]).tolist()
+        return dict(zip(self.names, vals)), dict(zip(self.names, scales))
 
     def sample_noise(self, rows: int) -> Tensor:
         """ε of shape (rows, h): one draw per example, shared down the batch for per-batch specs.

@@ -334,14 +334,7 @@ def plan(
                 )
             attr = "dropconnect" if isinstance(spec, DropConnect) else "word_dropout"
             for site in chosen:
-                taken = [n for p_, a, n in result.layer_regularizers if p_ == site.path and a == attr]
-                if taken:
-                    problems.append(
-                        f"{_describe(site.path, site.module)} gets {kind} from both hparams[{taken[0]!r}] "
-                        f"and hparams[{name!r}]: give each layer one"
-                    )
-                    continue
-                result.layer_regularizers.append((site.path, attr, name))
+                _claim(result, problems, site, attr, name, f"gets {kind}", "give each layer one")
         elif isinstance(spec, VariationalDropout):
             attr = f"{spec.on}_dropout"
             lstms = [s for s in result.layers if isinstance(s.module, nn.LSTM)]
@@ -364,15 +357,11 @@ def plan(
                         f"which hparams[{name!r}] would replace: build the LSTM with dropout=0"
                     )
                     continue
-                taken = [n for p_, a, n in result.layer_regularizers if p_ == site.path and a == attr]
-                if taken:
-                    problems.append(
-                        f"{_describe(site.path, lstm)} gets on={spec.on!r} VariationalDropout from both "
-                        f"hparams[{taken[0]!r}] and hparams[{name!r}]: give each LSTM one"
-                    )
-                    continue
-                chosen.append(site)
-                result.layer_regularizers.append((site.path, attr, name))
+                if _claim(
+                    result, problems, site, attr, name,
+                    f"gets on={spec.on!r} VariationalDropout", "give each LSTM one",
+                ):
+                    chosen.append(site)
             if not chosen and len(problems) == refused:
                 problems.append(
                     f"hparams[{name!r}] (VariationalDropout, on={spec.on!r}) matches no nn.LSTM "
@@ -411,6 +400,21 @@ def plan(
     if problems:
         raise WrapError(problems)
     return result
+
+
+def _claim(
+    result: SurgeryPlan, problems: list[str], site: Site, attr: str, name: str, what: str, fix: str
+) -> bool:
+    """Give ``site``'s layer regularizer ``attr`` to hyperparameter ``name``, unless another has it."""
+    taken = [n for p, a, n in result.layer_regularizers if p == site.path and a == attr]
+    if taken:
+        problems.append(
+            f"{_describe(site.path, site.module)} {what} from both hparams[{taken[0]!r}] and "
+            f"hparams[{name!r}]: {fix}"
+        )
+        return False
+    result.layer_regularizers.append((site.path, attr, name))
+    return True
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -499,7 +499,7 @@ class DeltaSTNOptimizer:
 
     def _record(self, kind: Literal["train", "val"], loss: float, taken: bool, response_loss: float | None = None) -> StepResult:
         hp = self.hyper_model.hparams
-        values, scales = hp.values(), hp.scales()
+        values, scales = hp.values_and_scales()
         self.history.append(
             Record(self.train_steps, kind, loss, values, scales, response_loss, skipped=not taken)
         )

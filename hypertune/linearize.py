@@ -10,6 +10,8 @@ and the primal path builds no autograd graph: only the tangent depends on Θ.
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -66,8 +68,21 @@ def needs_op_rewrites(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Hardsigmoid) for m in model.modules())
 
 
+@functools.cache
+def _load_jvp_decompositions() -> None:
+    """torch loads its forward-AD decompositions on the first ``make_dual`` through
+    ``torch.jit.script``, which warns that it is deprecated: noise for our users, not theirs
+    to fix. Load them once here with that one warning silenced."""
+    load = getattr(fwAD, "_maybe_load_decompositions", None)
+    if load is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+            load()
+
+
 def linearized_call(fn: Callable[[], Any], rewrite_ops: bool = False) -> Any:
     """Run ``fn`` (a forward in linearize mode) and return every output as primal + tangent."""
+    _load_jvp_decompositions()
     rewrite = _LinearizableOps() if rewrite_ops else contextlib.nullcontext()
     with fwAD.dual_level(), _math_attention(), rewrite:
         out = fn()

@@ -131,3 +131,21 @@ def test_linearized_call_returns_primal_plus_tangent_and_grads_reach_theta_only(
     y.sum().backward()
     assert all(p.grad is not None for p in model.response_parameters())
     assert all(p.grad is None for p in model.base_parameters())
+
+
+def test_first_linearized_step_emits_no_torch_deprecation_warning():
+    # torch loads its forward-AD decompositions via torch.jit.script on first use, which warns;
+    # a fresh process is needed because that load happens once per process.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch.nn.functional as F, hypertune as ht\n"
+        "m = ht.HyperModel.wrap(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.1),"
+        " torch.nn.Linear(4, 2)), {'dropout': ht.DropoutRate(init=0.1)})\n"
+        "opt = ht.DeltaSTNOptimizer(m, torch.optim.SGD(m.parameters(), lr=0.1))\n"
+        "x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))\n"
+        "opt.train_step(x, y, F.cross_entropy); opt.val_step(x, y, F.cross_entropy)\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

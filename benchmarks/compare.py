@@ -95,16 +95,18 @@ class Budget:
         self.seconds = seconds
         self._now = time.process_time if clock == "cpu" else time.perf_counter
         self.spent = 0.0
-        self._since = self._now()
+        self._since: float | None = self._now()
 
     def elapsed(self) -> float:
-        return self.spent + (self._now() - self._since)
+        running = 0.0 if self._since is None else self._now() - self._since
+        return self.spent + running
 
     def exhausted(self) -> bool:
         return self.elapsed() >= self.seconds
 
     def pause(self) -> None:
-        self.spent += self._now() - self._since
+        self.spent = self.elapsed()
+        self._since = None
 
     def resume(self) -> None:
         self._since = self._now()

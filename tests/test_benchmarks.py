@@ -1,0 +1,104 @@
+"""The benchmark scripts' contracts: overhead.py's JSON rows, compare.py's budget and outputs.
+
+Timings are never asserted (the machines are noisy); what is asserted is the arithmetic the
+scripts do with them and the shape of what they write.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+overhead = load("overhead")
+compare = load("compare")
+
+
+def test_cycle_median_counts_the_response_step_once_per_cycle():
+    # Θ step on one call in three: a plain median (1.0) would hide it; the cycle mean is 2.0.
+    times = [1.0, 1.0, 4.0] * 5
+    assert overhead._cycle_median(times, 3) == pytest.approx(2.0)
+    assert overhead._cycle_median(times, 1) == 1.0
+
+
+def test_overhead_writes_the_contract_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    rows = overhead.main(["--models", "mlp", "--device", "cpu", "--modes", "delta,stn", "--repeats", "3",
+                          "--warmup", "1", "--batch", "4", "--threads", "1", "--response-every", "2",
+                          "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert [r["mode"] for r in rows] == ["delta", "stn"]
+    for r in rows:
+        assert {"model", "device", "mode", "plain_ms", "hyper_ms", "ratio"} <= r.keys()
+        assert (r["model"], r["device"], r["response_every"]) == ("mlp", "cpu", 2)
+        assert r["ratio"] == pytest.approx(r["hyper_ms"] / r["plain_ms"], rel=1e-2)
+        assert r["hyper_ms"] >= r["train_step_ms"] > 0
+
+
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_budget_stops_while_paused(clock):
+    budget = compare.Budget(10.0, clock)
+    budget.pause()
+    before = budget.elapsed()
+    end = time.perf_counter() + 0.05
+    while time.perf_counter() < end:  # burn CPU and wall time while paused
+        pass
+    assert budget.elapsed() == before
+    budget.resume()
+    end = time.perf_counter() + 0.05
+    while time.perf_counter() < end:
+        pass
+    assert budget.elapsed() > before
+
+
+def test_stn_method_names():
+    assert compare.stn_method("delta") == ("delta", {})
+    assert compare.stn_method("centered_every3") == ("centered", {"response_every": 3})
+    assert compare.stn_method("delta_frac0.5") == ("delta", {"response_fraction": 0.5})
+    assert compare.stn_method("optuna") is None
+
+
+def test_compare_refuses_unknown_methods(capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--methods", "untuned,grid"])
+    assert "unknown method(s) ['grid']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (DATA / "MNIST" / "raw").exists(), reason="MNIST not in ../shared/datasets")
+def test_compare_runs_each_method_within_its_budget(tmp_path):
+    out = tmp_path / "results.json"
+    budget = 1.0
+    results = compare.main([
+        "--dataset", "mnist", "--data-root", str(DATA), "--budget", str(budget), "--clock", "cpu",
+        "--threads", "1", "--train-subset", "256", "--val-subset", "256", "--trial-epochs", "1",
+        "--eval-every", "2", "--warmup-steps", "2", "--batch-size", "32",
+        "--methods", "untuned,random,delta_every2", "--json", str(out), "--png", str(tmp_path / "curves.png"),
+    ])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert [r["method"] for r in results] == ["untuned", "random", "delta_every2"]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert (tmp_path / "schedule_mnist_delta_every2_seed0.json").exists()
+    for r in results:
+        assert math.isfinite(r["best_val_loss"]) and math.isfinite(r["test_loss"])
+        times = [t for t, _ in r["curve"]]
+        assert times == sorted(times)
+        # the budget is checked before every step: at most one step (and one trial's last score) over
+        assert times[-1] < budget + 1.0
+        bests = [v for _, v in r["curve"]]
+        assert bests == sorted(bests, reverse=True) and bests[-1] == r["best_val_loss"]

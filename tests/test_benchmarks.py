@@ -102,3 +102,20 @@ def test_compare_runs_each_method_within_its_budget(tmp_path):
         assert times[-1] < budget + 1.0
         bests = [v for _, v in r["curve"]]
         assert bests == sorted(bests, reverse=True) and bests[-1] == r["best_val_loss"]
+
+
+def test_summarize_runs_averages_the_last_epochs(tmp_path, capsys):
+    summarize = load("summarize_runs")
+    for name, tuned, losses in [("t", True, [0.9, 0.5, 0.4, 0.3]), ("u", False, [0.8, 0.4, 0.6, 0.7])]:
+        run = tmp_path / name
+        run.mkdir()
+        (run / "epochs.csv").write_text("epoch,val_loss\n" + "".join(f"{i},{v}\n" for i, v in enumerate(losses)))
+        (run / "metrics.json").write_text(json.dumps({
+            "tuned": tuned, "epochs": 4, "val": {"loss": losses[-1]}, "test": {"loss": 1.0, "acc": 0.5},
+            "wall_time_s": 1.0, "args": {"seed": 0, "train_subset": 100},
+        }))
+    rows = summarize.main([str(tmp_path / "u"), str(tmp_path / "t"), "--last", "2"])
+    assert [r["tuned"] for r in rows] == [True, False]
+    assert rows[0]["val_loss_last2"] == pytest.approx(0.35) and rows[1]["val_loss_last2"] == pytest.approx(0.65)
+    assert [r["min_val_loss"] for r in rows] == [0.3, 0.4]
+    assert "| 100 images × 4 epochs | 0 | tuned | 0.3000 | 0.3500 |" in capsys.readouterr().out

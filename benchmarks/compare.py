@@ -10,7 +10,7 @@ method's score is its best validation loss, with the test loss of the model that
 
 An STN method may name a cheaper Θ schedule: ``delta_every3`` takes the Θ step on every third
 train step, ``delta_frac0.5`` on half of each batch (``DeltaSTNOptimizer``'s ``response_every`` /
-``response_fraction``).
+``response_fraction``); ``delta_adam`` puts Θ on Adam (lr 1e-3).
 
 Optuna is a benchmark-only dependency (pip install optuna); without it that method is skipped.
 """
@@ -220,11 +220,12 @@ def hyper_specs(dataset: str) -> dict[str, Any]:
                                 length=ht.HParam(init=4, low=0, high=20, discrete=True))}
 
 
-STN_METHOD = re.compile(r"^(stn|centered|delta)(?:_every(\d+))?(?:_frac([0-9.]+))?$")
+STN_METHOD = re.compile(r"^(stn|centered|delta)(?:_every(\d+))?(?:_frac([0-9.]+))?(_adam)?$")
 
 
 def stn_method(method: str) -> tuple[str, dict[str, Any]] | None:
-    """``delta``, or a variant such as ``delta_every3`` / ``delta_frac0.5``: (mode, optimizer options)."""
+    """``delta``, or a variant such as ``delta_every3`` / ``delta_frac0.5`` / ``delta_adam`` (Θ on
+    Adam, lr 1e-3, instead of a clone of the weights' SGD): (mode, optimizer options)."""
     match = STN_METHOD.match(method)
     if match is None:
         return None
@@ -233,6 +234,8 @@ def stn_method(method: str) -> tuple[str, dict[str, Any]] | None:
         options["response_every"] = int(match.group(2))
     if match.group(3):
         options["response_fraction"] = float(match.group(3))
+    if match.group(4):
+        options["response_adam"] = True
     return match.group(1), options
 
 
@@ -241,6 +244,8 @@ def run_stn(method: str, dataset: str, data, args, seed: int, out_dir: Path | No
     torch.manual_seed(seed)
     tracker = Tracker(method, Budget(args.budget, args.clock))
     model = ht.HyperModel.wrap(build_model(dataset), hyper_specs(dataset))
+    if options.pop("response_adam", False):
+        options["response_optimizer"] = torch.optim.Adam(model.response_parameters(), lr=1e-3)
     opt = ht.DeltaSTNOptimizer(
         model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9), mode=mode,  # type: ignore[arg-type]
         warmup_steps=args.warmup_steps, **{**args.stn_options, **options},
@@ -289,6 +294,18 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One row per method and seed, best validation loss first within each dataset."""
+    lines = ["| dataset | method | seed | trials / steps | best val loss | its test loss | hyperparameters at the best |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in sorted(results, key=lambda r: (r["dataset"], r["seed"], r["best_val_loss"])):
+        work = f"{r['steps']} steps" if "steps" in r else f"{r['trials']} trials"
+        hp = ", ".join(f"{k}={v:.3g}" for k, v in r["best_hparams"].items())
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['seed']} | {work} | {r['best_val_loss']:.4f} "
+                     f"| {r['test_loss']:.4f} | {hp} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["mnist", "fashionmnist"], default="fashionmnist")
@@ -309,7 +326,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
+    parser.add_argument("--table-from", nargs="+", default=None, metavar="JSON",
+                        help="print the markdown table of earlier runs' JSON files and exit")
     args = parser.parse_args(argv)
+    if args.table_from:
+        results = [r for path in args.table_from for r in json.loads(Path(path).read_text())]
+        print(markdown_table(results))
+        return results
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in ("untuned", "random", "optuna") and stn_method(m) is None]
     if unknown:
@@ -347,6 +370,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 Path(args.json).write_text(json.dumps(results, indent=1))
     if args.png:
         plot(results, Path(args.png), f"{args.dataset}: best validation loss at equal budget")
+    print(markdown_table(results))
     return results
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 import math
 import random
@@ -270,8 +271,11 @@ def run_stn(method: str, dataset: str, data, args, seed: int, out_dir: Path | No
     out["steps"] = step
     out["final_hparams"] = final_hparams
     if out_dir is not None:
-        schedule = [{"step": r.step, "kind": r.kind, "loss": r.loss, **r.hparams} for r in opt.history]
-        (out_dir / f"schedule_{dataset}_{method}_seed{seed}.json").write_text(json.dumps(schedule))
+        # λ moves only in val steps: their rows are the schedule (gzip keeps the files small).
+        schedule = [{"step": r.step, "loss": round(r.loss, 5), **{k: round(v, 5) for k, v in r.hparams.items()}}
+                    for r in opt.history if r.kind == "val"]
+        with gzip.open(out_dir / f"schedule_{dataset}_{method}_seed{seed}.json.gz", "wt") as f:
+            json.dump(schedule, f)
     return out
 
 

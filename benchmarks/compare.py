@@ -298,6 +298,43 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_schedules(paths: list[Path], out: Path) -> None:
+    """λ against step for each STN run: one row of panels per dataset, one column per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for path in paths:
+        match = re.match(r"schedule_(mnist|fashionmnist)_(.+)_seed(\d+)\.json\.gz$", path.name)
+        if match is None:
+            raise SystemExit(f"{path}: not a compare.py schedule (schedule_<dataset>_<method>_seed<n>.json.gz)")
+        with gzip.open(path, "rt") as f:
+            runs[(match.group(1), match.group(2))] = json.load(f)
+    datasets = sorted({d for d, _ in runs})
+    methods = [m for m in ("stn", "centered", "delta") if any(k[1] == m for k in runs)]
+    methods += sorted({m for _, m in runs} - set(methods))
+    fig, axes = plt.subplots(len(datasets), len(methods), figsize=(3.2 * len(methods), 2.8 * len(datasets)),
+                             sharey="row", squeeze=False)
+    for i, dataset in enumerate(datasets):
+        for j, method in enumerate(methods):
+            ax = axes[i][j]
+            rows = runs.get((dataset, method), [])
+            for name in [k for k in (rows[0] if rows else {}) if k not in ("step", "loss")]:
+                if name.startswith("cutout"):
+                    continue  # integer-valued, on another scale; in the JSON
+                ax.plot([r["step"] for r in rows], [r[name] for r in rows], label=name.split(":")[-1])
+            ax.set_title(f"{dataset}: {method}", fontsize=9)
+            ax.set_xlabel("train step", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("dropout rate")
+            if rows:
+                ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
     """One row per method and seed, best validation loss first within each dataset."""
     lines = ["| dataset | method | seed | trials / steps | best val loss | its test loss | hyperparameters at the best |",
@@ -332,7 +369,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--png", default=None)
     parser.add_argument("--table-from", nargs="+", default=None, metavar="JSON",
                         help="print the markdown table of earlier runs' JSON files and exit")
+    parser.add_argument("--plot-schedules", nargs="+", default=None, metavar="JSON_GZ",
+                        help="plot these schedule files into --png and exit")
     args = parser.parse_args(argv)
+    if args.plot_schedules:
+        if not args.png:
+            parser.error("--plot-schedules needs --png OUT")
+        plot_schedules([Path(p) for p in args.plot_schedules], Path(args.png))
+        return []
     if args.table_from:
         results = [r for path in args.table_from for r in json.loads(Path(path).read_text())]
         print(markdown_table(results))

@@ -94,7 +94,7 @@ def test_compare_runs_each_method_within_its_budget(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert [r["method"] for r in results] == ["untuned", "random", "delta_every2"]
     assert (tmp_path / "curves.png").stat().st_size > 0
-    assert (tmp_path / "schedule_mnist_delta_every2_seed0.json").exists()
+    assert (tmp_path / "schedule_mnist_delta_every2_seed0.json.gz").exists()
     for r in results:
         assert math.isfinite(r["best_val_loss"]) and math.isfinite(r["test_loss"])
         times = [t for t, _ in r["curve"]]
@@ -120,3 +120,18 @@ def test_summarize_runs_averages_the_last_epochs(tmp_path, capsys):
     assert rows[0]["val_loss_last2"] == pytest.approx(0.35) and rows[1]["val_loss_last2"] == pytest.approx(0.65)
     assert [r["min_val_loss"] for r in rows] == [0.3, 0.4]
     assert "| 100 images × 4 epochs | 0 | tuned | 0.3000 | 0.3500 |" in capsys.readouterr().out
+
+
+def test_plot_schedules_draws_one_panel_per_dataset_and_method(tmp_path):
+    import gzip
+
+    paths = []
+    for dataset, method in [("mnist", "stn"), ("mnist", "delta"), ("fashionmnist", "delta")]:
+        path = tmp_path / f"schedule_{dataset}_{method}_seed0.json.gz"
+        with gzip.open(path, "wt") as f:
+            json.dump([{"step": s, "loss": 1.0, "input_dropout": 0.05 + s / 1e4, "cutout:holes": 1} for s in (5, 10)], f)
+        paths.append(path)
+    compare.main(["--plot-schedules", *map(str, paths), "--png", str(tmp_path / "s.png")])
+    assert (tmp_path / "s.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        compare.plot_schedules([tmp_path / "other.json.gz"], tmp_path / "x.png")

@@ -80,6 +80,12 @@ def _load_jvp_decompositions() -> None:
             load()
 
 
+def make_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """``fwAD.make_dual`` for hyper-layers, without torch's first-use deprecation warning."""
+    _load_jvp_decompositions()
+    return fwAD.make_dual(primal, tangent)
+
+
 def linearized_call(fn: Callable[[], Any], rewrite_ops: bool = False) -> Any:
     """Run ``fn`` (a forward in linearize mode) and return every output as primal + tangent."""
     _load_jvp_decompositions()

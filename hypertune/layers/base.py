@@ -18,6 +18,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from .. import context
+from ..linearize import make_dual
 
 _HOOK_DICTS = (
     "_parameters",
@@ -185,7 +186,7 @@ class HyperLayer(nn.Module):
         tangent = self.response(x_p, s_w, s_b, wr, br)
         if x_t is not None:
             tangent = tangent + self.base_forward(x_t, w, None)
-        return fwAD.make_dual(out, tangent)
+        return make_dual(out, tangent)
 
     def decayed_parameters(self, include_bias: bool = False) -> list[nn.Parameter]:
         """The w₀ Parameters ``weight_sq_norm`` measures."""

@@ -56,6 +56,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import context
+from ..linearize import make_dual
 from ..errors import HyperTuneError, PerturbationError
 from .base import HyperLayer, swap_class
 
@@ -660,9 +661,9 @@ class HyperLSTM(HyperLayer, nn.LSTM):
         output = x
         h_n, c_n = torch.stack(hn), torch.stack(cn)
         if way == "tangent":
-            output = fwAD.make_dual(output, dx)
-            h_n = fwAD.make_dual(h_n, torch.stack(dhn))
-            c_n = fwAD.make_dual(c_n, torch.stack(dcn))
+            output = make_dual(output, dx)
+            h_n = make_dual(h_n, torch.stack(dhn))
+            c_n = make_dual(c_n, torch.stack(dcn))
         if not batched:
             output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
         elif self.batch_first:

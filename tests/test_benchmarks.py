@@ -135,3 +135,13 @@ def test_plot_schedules_draws_one_panel_per_dataset_and_method(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         compare.plot_schedules([tmp_path / "other.json.gz"], tmp_path / "x.png")
+
+
+def test_reference_overhead_needs_a_checkout(tmp_path):
+    reference = load("reference_overhead")
+    with pytest.raises(SystemExit, match="--reference-repo PATH is required"):
+        reference.main([])
+    with pytest.raises(SystemExit, match="no base_step_optimizer.py there"):
+        reference.main(["--reference-repo", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"unknown mode\(s\) \['grid'\]"):
+        reference.main(["--reference-repo", str(tmp_path), "--modes", "delta,grid"])

@@ -221,12 +221,13 @@ def hyper_specs(dataset: str) -> dict[str, Any]:
                                 length=ht.HParam(init=4, low=0, high=20, discrete=True))}
 
 
-STN_METHOD = re.compile(r"^(stn|centered|delta)(?:_every(\d+))?(?:_frac([0-9.]+))?(_adam)?$")
+STN_METHOD = re.compile(r"^(stn|centered|delta)(?:_every(\d+))?(?:_frac([0-9.]+))?(_adam)?(_pinit)?$")
 
 
 def stn_method(method: str) -> tuple[str, dict[str, Any]] | None:
     """``delta``, or a variant such as ``delta_every3`` / ``delta_frac0.5`` / ``delta_adam`` (Θ on
-    Adam, lr 1e-3, instead of a clone of the weights' SGD): (mode, optimizer options)."""
+    Adam, lr 1e-3, instead of a clone of the weights' SGD) / ``delta_pinit`` (P, Θ's projection,
+    starts at nn.Linear's default init instead of zero): (mode, optimizer options)."""
     match = STN_METHOD.match(method)
     if match is None:
         return None
@@ -237,6 +238,8 @@ def stn_method(method: str) -> tuple[str, dict[str, Any]] | None:
         options["response_fraction"] = float(match.group(3))
     if match.group(4):
         options["response_adam"] = True
+    if match.group(5):
+        options["projection_init"] = True
     return match.group(1), options
 
 
@@ -245,6 +248,10 @@ def run_stn(method: str, dataset: str, data, args, seed: int, out_dir: Path | No
     torch.manual_seed(seed)
     tracker = Tracker(method, Budget(args.budget, args.clock))
     model = ht.HyperModel.wrap(build_model(dataset), hyper_specs(dataset))
+    if options.pop("projection_init", False):
+        # An experiment on the P = 0 saddle: at δλ = 0 the centered modes still compute w₀ exactly.
+        for layer in model.hyper_layers().values():
+            layer.hyper_projection.reset_parameters()
     if options.pop("response_adam", False):
         options["response_optimizer"] = torch.optim.Adam(model.response_parameters(), lr=1e-3)
     opt = ht.DeltaSTNOptimizer(

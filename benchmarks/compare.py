@@ -317,8 +317,11 @@ def plot_schedules(paths: list[Path], out: Path) -> None:
         match = re.match(r"schedule_(mnist|fashionmnist)_(.+)_seed(\d+)\.json\.gz$", path.name)
         if match is None:
             raise SystemExit(f"{path}: not a compare.py schedule (schedule_<dataset>_<method>_seed<n>.json.gz)")
+        key = (match.group(1), match.group(2))
+        if key in runs:
+            raise SystemExit(f"{path}: a second seed of {key[1]} on {key[0]}; plot one seed at a time")
         with gzip.open(path, "rt") as f:
-            runs[(match.group(1), match.group(2))] = json.load(f)
+            runs[key] = json.load(f)
     datasets = sorted({d for d, _ in runs})
     methods = [m for m in ("stn", "centered", "delta") if any(k[1] == m for k in runs)]
     methods += sorted({m for _, m in runs} - set(methods))

@@ -108,6 +108,52 @@ def _cycle_median(times: list[float], every: int) -> float:
     return statistics.fmean(statistics.median(times[r::every]) for r in range(min(every, len(times))))
 
 
+def plain_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, lr: float,
+                   weight_decay: float = 0.0) -> Callable[[], None]:
+    """The plain step every tuned step is compared with: SGD, momentum 0.9."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def time_side_by_side(
+    timer: Callable[[Callable[[], object]], float],
+    plain_step: Callable[[], object],
+    train_step: Callable[[], object],
+    val_step: Callable[[], object],
+    repeats: int,
+    warmup: int,
+    response_every: int = 1,
+) -> tuple[float, float, float]:
+    """Median ms of (plain step, train step, val step), timed alternately so machine noise hits
+    all three; the val step once per T_TRAIN_PER_VAL train steps, as in training."""
+    for _ in range(warmup):
+        plain_step()
+        train_step()
+        val_step()
+    plain_ms, train_ms, val_ms = [], [], []
+    for i in range(repeats):
+        plain_ms.append(timer(plain_step))
+        train_ms.append(timer(train_step))
+        if i % T_TRAIN_PER_VAL == 0:
+            val_ms.append(timer(val_step))
+    return statistics.median(plain_ms), _cycle_median(train_ms, response_every), statistics.median(val_ms)
+
+
+def result_row(model: str, device: torch.device, mode: str, batch: int, plain: float, train: float,
+               val: float) -> dict:
+    """One JSON row: the tuned cost is a train step plus the val step amortized over T_TRAIN_PER_VAL."""
+    hyper = train + val / T_TRAIN_PER_VAL
+    return {"model": model, "device": str(device), "mode": mode, "batch": batch, "plain_ms": round(plain, 3),
+            "hyper_ms": round(hyper, 3), "train_step_ms": round(train, 3), "val_step_ms": round(val, 3),
+            "ratio": round(hyper / plain, 3)}
+
+
 def measure(
     name: str,
     device: torch.device,
@@ -123,14 +169,8 @@ def measure(
     base = factory().to(device)
     timer = _timer(device)
 
-    plain = copy.deepcopy(base)
     wd = hparams["weight_decay"].init if "weight_decay" in hparams else 0.0
-    plain_opt = torch.optim.SGD(plain.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-
-    def plain_step() -> None:
-        plain_opt.zero_grad(set_to_none=True)
-        loss_fn(plain(x), y).backward()
-        plain_opt.step()
+    plain_step = plain_sgd_step(copy.deepcopy(base), x, y, loss_fn, lr, wd)
 
     tuned = {}
     for mode in modes:
@@ -145,36 +185,13 @@ def measure(
 
     rows = []
     for mode, opt in tuned.items():
-        for _ in range(warmup):
-            plain_step()
-            opt.train_step(x, y, loss_fn)
-            opt.val_step(x, y, loss_fn)
-        plain_ms, train_ms, val_ms = [], [], []
-        for i in range(repeats):
-            plain_ms.append(timer(plain_step))
-            train_ms.append(timer(lambda: opt.train_step(x, y, loss_fn)))
-            if i % T_TRAIN_PER_VAL == 0:
-                val_ms.append(timer(lambda: opt.val_step(x, y, loss_fn)))
-        p = statistics.median(plain_ms)
-        train = _cycle_median(train_ms, (options or {}).get("response_every", 1))
-        h = train + statistics.median(val_ms) / T_TRAIN_PER_VAL
-        rows.append(
-            {
-                "model": name,
-                "device": str(device),
-                "mode": mode,
-                "batch": int(x.shape[0]),
-                "plain_ms": round(p, 3),
-                "hyper_ms": round(h, 3),
-                "train_step_ms": round(train, 3),
-                "val_step_ms": round(statistics.median(val_ms), 3),
-                "ratio": round(h / p, 3),
-                **{k: v for k, v in (options or {}).items()},
-            }
+        plain, train, val = time_side_by_side(
+            timer, plain_step, lambda: opt.train_step(x, y, loss_fn), lambda: opt.val_step(x, y, loss_fn),
+            repeats, warmup, (options or {}).get("response_every", 1),
         )
-        print(
-            f"{name:>10} {str(device):>6} {mode:>8} {p:10.2f} {h:10.2f} {h / p:7.2f}", flush=True
-        )
+        rows.append({**result_row(name, device, mode, int(x.shape[0]), plain, train, val), **(options or {})})
+        print(f"{name:>10} {str(device):>6} {mode:>8} {plain:10.2f} {rows[-1]['hyper_ms']:10.2f} "
+              f"{rows[-1]['ratio']:7.2f}", flush=True)
     return rows
 
 

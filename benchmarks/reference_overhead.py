@@ -18,7 +18,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -134,46 +133,19 @@ def measure(
     x_val, y_val = torch.randn(x.shape, generator=g), torch.randint(0, 10, y.shape, generator=g)
 
     torch.manual_seed(0)
-    plain = factory().to(device)
-    plain_opt = torch.optim.SGD(plain.parameters(), lr=lr, momentum=0.9)
-
-    def plain_step() -> None:
-        plain_opt.zero_grad(set_to_none=True)
-        loss_fn(plain(x), y).backward()
-        plain_opt.step()
+    plain_step = overhead.plain_sgd_step(factory().to(device), x, y, loss_fn, lr)
 
     rows = []
     for mode in modes:
         opt, h_container = build_reference(ref, mode, device)
-        train_step = _reference_step(opt, h_container, x, y, tune_hyper=False)
-        val_step = _reference_step(opt, h_container, x_val, y_val, tune_hyper=True)
-        for _ in range(warmup):
-            plain_step()
-            train_step()
-            val_step()
-        plain_ms, train_ms, val_ms = [], [], []
-        for i in range(repeats):
-            plain_ms.append(timer(plain_step))
-            train_ms.append(timer(train_step))
-            if i % overhead.T_TRAIN_PER_VAL == 0:
-                val_ms.append(timer(val_step))
-        p, train, val = statistics.median(plain_ms), statistics.median(train_ms), statistics.median(val_ms)
-        h = train + val / overhead.T_TRAIN_PER_VAL
         name = f"reference_{mode}"
-        rows.append(
-            {
-                "model": "mlp",
-                "device": str(device),
-                "mode": name,
-                "batch": int(x.shape[0]),
-                "plain_ms": round(p, 3),
-                "hyper_ms": round(h, 3),
-                "train_step_ms": round(train, 3),
-                "val_step_ms": round(val, 3),
-                "ratio": round(h / p, 3),
-            }
+        plain, train, val = overhead.time_side_by_side(
+            timer, plain_step, _reference_step(opt, h_container, x, y, tune_hyper=False),
+            _reference_step(opt, h_container, x_val, y_val, tune_hyper=True), repeats, warmup,
         )
-        print(f"{'mlp':>10} {str(device):>6} {name:>15} {p:10.2f} {h:10.2f} {h / p:7.2f}", flush=True)
+        rows.append(overhead.result_row("mlp", device, name, int(x.shape[0]), plain, train, val))
+        print(f"{'mlp':>10} {str(device):>6} {name:>15} {plain:10.2f} {rows[-1]['hyper_ms']:10.2f} "
+              f"{rows[-1]['ratio']:7.2f}", flush=True)
     return rows
 
 

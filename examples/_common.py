@@ -80,7 +80,11 @@ def base_parser(
                    help="train the same model with the same loop, hyperparameters fixed at their starting values")
     p.add_argument("--smoke", action="store_true",
                    help="a few batches of real data (seconds): checks that everything runs")
-    p.add_argument("--lr", type=float, default=lr, help="learning rate of the weights (w₀ and Θ)")
+    p.add_argument("--lr", type=float, default=lr, help="learning rate of the weights (w₀; Θ too in stn mode)")
+    p.add_argument("--response-optimizer", choices=["adam", "clone"], default=None,
+                   help="Θ's optimizer: adam (the centered modes' default) or clone (a copy of the "
+                        "weights' optimizer: stn mode's default and the reference code's choice)")
+    p.add_argument("--response-lr", type=float, default=None, help="Θ's Adam learning rate (default 1e-3)")
     p.add_argument("--hyper-lr", type=float, default=1e-2, help="RMSprop learning rate of λ and σ")
     p.add_argument("--entropy-weight", type=float, default=1e-3, help="τ, the entropy bonus of σ")
     p.add_argument("--init-scale", type=float, default=1.0, help="σ₀, the initial perturbation scale")
@@ -338,7 +342,8 @@ def train(
         net = ht.HyperModel.wrap(model, hparams).to(device)
         optimizer = make_optimizer(net.parameters())
         opt = ht.DeltaSTNOptimizer(net, optimizer, mode=args.mode, hyper_lr=args.hyper_lr,
-                                   entropy_weight=args.entropy_weight, warmup_steps=warmup)
+                                   entropy_weight=args.entropy_weight, warmup_steps=warmup,
+                                   response_optimizer=args.response_optimizer, response_lr=args.response_lr)
         print(f"tuning {len(net.hparams)} hyperparameters ({args.mode}): {', '.join(net.hparams.names)}")
     scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
     val_iter = _cycle(val_loader)

@@ -71,7 +71,8 @@ def test_stn_method_names():
     assert compare.stn_method("delta") == ("delta", {})
     assert compare.stn_method("centered_every3") == ("centered", {"response_every": 3})
     assert compare.stn_method("delta_frac0.5") == ("delta", {"response_fraction": 0.5})
-    assert compare.stn_method("delta_every2_adam") == ("delta", {"response_every": 2, "response_adam": True})
+    assert compare.stn_method("delta_every2_adam") == ("delta", {"response_every": 2, "response_optimizer": "adam"})
+    assert compare.stn_method("centered_clone") == ("centered", {"response_optimizer": "clone"})
     assert compare.stn_method("delta_pinit") == ("delta", {"projection_init": True})
     assert compare.stn_method("optuna") is None
 

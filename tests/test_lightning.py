@@ -15,6 +15,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import hypertune as ht  # noqa: E402
+from hypertune.optim import DEFAULT_RESPONSE_LR  # noqa: E402
 from hypertune.integrations.lightning import DeltaSTNModule, hparam_metrics  # noqa: E402
 
 
@@ -85,7 +86,7 @@ def test_fit_tunes_and_logs_lambda_through_the_logger(tmp_path):
     # of each of the 2 epochs; Θ's learning rate follows it at each Θ step, so its last step ran
     # at the second epoch's rate.
     assert stn.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**2)
-    assert stn.response_optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5)
+    assert stn.response_optimizer.param_groups[0]["lr"] == pytest.approx(DEFAULT_RESPONSE_LR * 0.5)
     rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
     assert {"hparam/dropout", "hparam/wd", "sigma/wd", "train/loss", "tune/loss"} <= set(rows[0])
     logged = [float(r["hparam/wd"]) for r in rows if r["hparam/wd"]]

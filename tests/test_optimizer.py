@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypertune as ht
+from hypertune.optim import DEFAULT_RESPONSE_LR
 
 
 def _net(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -96,13 +97,54 @@ def test_batchnorm_running_stats_come_from_unperturbed_pass_only():
     assert int(bn.num_batches_tracked) == 1
 
 
-def test_response_lr_follows_user_scheduler():
-    model, opt = _setup("delta")
+@pytest.mark.parametrize("mode", ["delta", "centered", "stn"])
+def test_response_lr_follows_user_scheduler(mode):
+    model, opt = _setup(mode)
+    lr0 = opt.response_optimizer.param_groups[0]["lr"]
     sched = torch.optim.lr_scheduler.StepLR(opt.optimizer, step_size=1, gamma=0.5)
     opt.train_step(*_batch(0), F.cross_entropy)
     sched.step()
     opt.train_step(*_batch(1), F.cross_entropy)
-    assert opt.response_optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert opt.response_optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * 0.5)
+
+
+def test_default_response_optimizer_is_adam_in_centered_modes_and_a_clone_in_stn():
+    for mode in ("delta", "centered"):
+        _, opt = _setup(mode)
+        assert type(opt.response_optimizer) is torch.optim.Adam
+        assert opt.response_optimizer.defaults["fused"]  # the per-tensor loop costs 4× on CPU
+        assert opt.response_optimizer.param_groups[0]["lr"] == DEFAULT_RESPONSE_LR
+        assert opt.response_optimizer.param_groups[0]["weight_decay"] == 0
+        _, opt = _setup(mode, response_lr=3e-4)
+        assert opt.response_optimizer.param_groups[0]["lr"] == 3e-4
+        _, opt = _setup(mode, response_optimizer="clone")  # the reference code's choice
+        assert type(opt.response_optimizer) is torch.optim.SGD
+        assert opt.response_optimizer.param_groups[0]["lr"] == 0.05
+    model = ht.HyperModel.wrap(_net(0), {"wd": ht.WeightDecay()})
+    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt = ht.DeltaSTNOptimizer(model, base, mode="stn")
+    group = opt.response_optimizer.param_groups[0]
+    assert _setup("stn", response_optimizer="adam", response_lr=2e-3)[1].response_optimizer.defaults["lr"] == 2e-3
+    assert type(opt.response_optimizer) is torch.optim.SGD
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.05, 0.9, 0.0)
+
+
+def test_response_lr_refusals_leave_the_optimizer_alone():
+    model = ht.HyperModel.wrap(_net(0), {"wd": ht.WeightDecay()})
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    groups = [list(g["params"]) for g in base.param_groups]
+    theta = torch.optim.SGD(model.response_parameters(), lr=0.1)
+    with pytest.raises(ht.HyperTuneError, match="drop response_lr"):
+        ht.DeltaSTNOptimizer(model, base, response_optimizer=theta, response_lr=1e-3)
+    with pytest.raises(ht.HyperTuneError, match="mode='stn'"):
+        ht.DeltaSTNOptimizer(model, base, mode="stn", response_lr=1e-3)
+    for bad in ("sgd", [theta]):
+        with pytest.raises(ht.HyperTuneError, match="'adam' .* or 'clone'"):
+            ht.DeltaSTNOptimizer(model, base, response_optimizer=bad)  # type: ignore[arg-type]
+    for bad in (0.0, -1e-3, float("nan"), "1e-3"):
+        with pytest.raises(ht.HyperTuneError, match="response_lr"):
+            ht.DeltaSTNOptimizer(model, base, response_lr=bad)  # type: ignore[arg-type]
+    assert [list(g["params"]) for g in base.param_groups] == groups
 
 
 def test_user_optimizer_keeps_only_w0():

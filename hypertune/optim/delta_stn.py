@@ -9,6 +9,7 @@ validation loss minus τ·entropy with regularizers off. Modes (Bae & Grosse 202
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ Mode = Literal["delta", "centered", "stn"]
 NonFinite = Literal["raise", "skip"]
 LossFn = Callable[[Any, Any], Tensor]
 _FORMAT = "hypertune.DeltaSTNOptimizer"
+#: Θ's default learning rate in the centered modes (Adam; benchmarks/RESULTS.md, compare.py).
+DEFAULT_RESPONSE_LR = 1e-3
 _VERSION = 1
 
 
@@ -42,6 +45,15 @@ class StepResult:
     skipped: bool = False
     updated: bool = True
     extra: dict[str, float] = field(default_factory=dict)
+
+
+def _adam(params: Sequence[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Adam with its fused kernel where there is one: Θ is as large as w₀, and on CPU the
+    per-tensor loop costs 4× the fused step (a fifth of a plain MLP step; benchmarks/overhead.py)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or torch
+        return torch.optim.Adam(params, lr=lr)
 
 
 @contextmanager
@@ -189,9 +201,16 @@ class DeltaSTNOptimizer:
             ``model.parameters()`` the hyper-state and Θ are moved out of it into their own
             optimizers; every trainable weight of the model must be in it.
         mode: ``"delta"`` (default), ``"centered"`` or ``"stn"``.
-        response_optimizer: optimizer over Θ; default: the same class and settings as
-            ``optimizer`` without weight decay (Θ estimates a Jacobian; shrinking it biases it),
-            its learning rate following ``optimizer``'s schedule.
+        response_optimizer: optimizer over Θ, or ``"adam"`` / ``"clone"`` to have hypertune build
+            one. ``"adam"`` (the default in the centered modes) is ``Adam(lr=response_lr)``: there
+            Θ learns only from how the perturbed loss correlates with ε, a gradient orders of
+            magnitude smaller than w₀'s whose scale moves with λ, so the weights' SGD barely moves
+            Θ off its start at P = 0 and λ waits thousands of steps; Adam is scale-free
+            (benchmarks/RESULTS.md). ``"clone"`` (the default in ``stn`` mode, where Θ is trained
+            jointly with w₀ on the same loss, and the reference code's choice) is the same class
+            and settings as ``optimizer``. Built ones have no weight decay (Θ estimates a
+            Jacobian; shrinking it biases it) and follow ``optimizer``'s learning-rate schedule.
+        response_lr: the learning rate of the ``"adam"`` Θ optimizer (default 1e-3).
         hyper_optimizer: optimizer over λ and σ; default RMSprop(lr=hyper_lr) as in the paper.
         entropy_weight: τ, the weight of the perturbation entropy bonus.
         tune_scales: tune σ (with the entropy bonus); if False, λ steps are unperturbed.
@@ -225,7 +244,8 @@ class DeltaSTNOptimizer:
         optimizer: torch.optim.Optimizer,
         *,
         mode: Mode = "delta",
-        response_optimizer: torch.optim.Optimizer | None = None,
+        response_optimizer: torch.optim.Optimizer | Literal["adam", "clone"] | None = None,
+        response_lr: float | None = None,
         hyper_optimizer: torch.optim.Optimizer | None = None,
         hyper_lr: float = 1e-2,
         entropy_weight: float = 1e-3,
@@ -256,6 +276,25 @@ class DeltaSTNOptimizer:
             raise HyperTuneError(f"response_every={response_every!r} must be an int >= 1")
         if not 0 < response_fraction <= 1:
             raise HyperTuneError(f"response_fraction={response_fraction!r} must lie in (0, 1]")
+        if not (response_optimizer is None or isinstance(response_optimizer, (str, torch.optim.Optimizer))) or (
+            isinstance(response_optimizer, str) and response_optimizer not in ("adam", "clone")
+        ):
+            raise HyperTuneError(
+                f"response_optimizer={response_optimizer!r}: pass a torch.optim.Optimizer over "
+                "model.response_parameters(), 'adam' (default in the centered modes) or 'clone'"
+            )
+        if response_optimizer is None:
+            response_optimizer = "clone" if mode == "stn" else "adam"
+        if response_lr is not None:
+            if response_optimizer != "adam":
+                raise HyperTuneError(
+                    f"response_lr sets the learning rate of the Adam hypertune builds for Θ, but Θ's "
+                    f"optimizer here is {response_optimizer if isinstance(response_optimizer, str) else 'yours'!r}"
+                    " (in mode='stn' the default is a clone of your optimizer): drop response_lr, or "
+                    "pass response_optimizer='adam'"
+                )
+            if not (isinstance(response_lr, (int, float)) and math.isfinite(response_lr) and response_lr > 0):
+                raise HyperTuneError(f"response_lr={response_lr!r} must be a positive finite float")
         if not entropy_weight >= 0:
             raise HyperTuneError(f"entropy_weight={entropy_weight!r} must be >= 0")
         if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
@@ -303,9 +342,12 @@ class DeltaSTNOptimizer:
 
         # Θ's learning rate follows the user's schedule only when hypertune built its optimizer;
         # a user-supplied one keeps whatever schedule the user attaches to it.
-        self._follows_lr = response_optimizer is None
-        if response_optimizer is None:
+        self._follows_lr = isinstance(response_optimizer, str)
+        if response_optimizer == "clone":
             response_optimizer = self._clone_for_response(optimizer)
+        elif response_optimizer == "adam":
+            lr = DEFAULT_RESPONSE_LR if response_lr is None else float(response_lr)
+            response_optimizer = _adam(self._response_params, lr)
         self.response_optimizer = response_optimizer
         if hyper_optimizer is None:
             groups: list[dict[str, Any]] = [{"params": [hm.hparams.unconstrained]}]

@@ -357,6 +357,23 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """One row per dataset and method: best validation loss per seed and their mean, lowest mean
+    first. Seeds run with the same data, so a method's spread over seeds is its noise."""
+    by: dict[tuple[str, str], dict[int, float]] = {}
+    for r in results:
+        by.setdefault((r["dataset"], r["method"]), {})[int(r["seed"])] = r["best_val_loss"]
+    seeds = sorted({s for v in by.values() for s in v})
+    lines = ["| dataset | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | seeds |",
+             "|---|---|" + "---:|" * (len(seeds) + 2)]
+    rows = sorted(by.items(), key=lambda kv: (kv[0][0], sum(kv[1].values()) / len(kv[1])))
+    for (dataset, method), values in rows:
+        cells = " | ".join(f"{values[s]:.4f}" if s in values else "–" for s in seeds)
+        mean = sum(values.values()) / len(values)
+        lines.append(f"| {dataset} | {method} | {cells} | {mean:.4f} | {len(values)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["mnist", "fashionmnist"], default="fashionmnist")
@@ -378,7 +395,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
     parser.add_argument("--table-from", nargs="+", default=None, metavar="JSON",
-                        help="print the markdown table of earlier runs' JSON files and exit")
+                        help="print the markdown tables of earlier runs' JSON files (with --png: plot the "
+                             "--seeds runs' curves) and exit")
     parser.add_argument("--plot-schedules", nargs="+", default=None, metavar="JSON_GZ",
                         help="plot these schedule files into --png and exit")
     args = parser.parse_args(argv)
@@ -390,6 +408,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.table_from:
         results = [r for path in args.table_from for r in json.loads(Path(path).read_text())]
         print(markdown_table(results))
+        print()
+        print(summary_table(results))
+        if args.png:  # the curves of the --seeds runs, one dataset per figure
+            seeds = {int(x) for x in args.seeds.split(",")}
+            shown = [r for r in results if int(r["seed"]) in seeds]
+            datasets = sorted({r["dataset"] for r in shown})
+            if len(datasets) != 1:
+                parser.error(f"--png with --table-from plots one dataset; these files hold {datasets}")
+            plot(shown, Path(args.png), f"{datasets[0]}: best validation loss at equal budget")
         return results
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in ("untuned", "random", "optuna") and stn_method(m) is None]

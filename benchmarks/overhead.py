@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="DeltaSTNOptimizer(response_fraction=...): Θ step on this part of a batch")
     parser.add_argument("--response-every", type=int, default=1,
                         help="DeltaSTNOptimizer(response_every=...): Θ step every k train steps")
+    parser.add_argument("--response-optimizer", choices=["adam", "clone"], default=None,
+                        help="DeltaSTNOptimizer(response_optimizer=...); default: the library's (Adam in "
+                             "the centered modes, a clone of the SGD in stn)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -220,6 +223,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             options["response_fraction"] = args.response_fraction
         if args.response_every != 1:
             options["response_every"] = args.response_every
+        if args.response_optimizer is not None:
+            options["response_optimizer"] = args.response_optimizer
         rows += measure(
             name.strip(), device, args.modes.split(","), args.repeats, args.warmup, args.batch, options
         )

@@ -71,6 +71,7 @@ def run_stn(data, args) -> tuple[Schedule, dict, ht.DeltaSTNOptimizer]:
         torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
         hyper_lr=args.hyper_lr,
         warmup_steps=args.warmup_steps,
+        response_optimizer=args.response_optimizer,
     )
     train = TensorLoader(*data["train"], args.batch_size, seed=args.data_seed, drop_last=True)
     tune = TensorLoader(*data["tune"], args.batch_size, seed=args.data_seed + 1, drop_last=True).cycle()
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--hyper-lr", type=float, default=0.03)
+    p.add_argument("--response-optimizer", choices=["adam", "clone"], default=None,
+                   help="Θ's optimizer (default: the library's, Adam; the recorded runs used clone)")
     p.add_argument("--tune-every", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=40)
     p.add_argument("--data-seed", type=int, default=0)

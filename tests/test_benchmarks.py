@@ -41,12 +41,12 @@ def test_overhead_writes_the_contract_rows(tmp_path):
     out = tmp_path / "rows.json"
     rows = overhead.main(["--models", "mlp", "--device", "cpu", "--modes", "delta,stn", "--repeats", "3",
                           "--warmup", "1", "--batch", "4", "--threads", "1", "--response-every", "2",
-                          "--json", str(out)])
+                          "--response-optimizer", "clone", "--json", str(out)])
     assert json.loads(out.read_text()) == rows
     assert [r["mode"] for r in rows] == ["delta", "stn"]
     for r in rows:
         assert {"model", "device", "mode", "plain_ms", "hyper_ms", "ratio"} <= r.keys()
-        assert (r["model"], r["device"], r["response_every"]) == ("mlp", "cpu", 2)
+        assert (r["model"], r["device"], r["response_every"], r["response_optimizer"]) == ("mlp", "cpu", 2, "clone")
         assert r["ratio"] == pytest.approx(r["hyper_ms"] / r["plain_ms"], rel=1e-2)
         assert r["hyper_ms"] >= r["train_step_ms"] > 0
 
@@ -105,6 +105,27 @@ def test_compare_runs_each_method_within_its_budget(tmp_path):
         assert times[-1] < budget + 1.0
         bests = [v for _, v in r["curve"]]
         assert bests == sorted(bests, reverse=True) and bests[-1] == r["best_val_loss"]
+
+
+def test_compare_summary_averages_seeds_and_sorts_by_mean():
+    rows = [{"dataset": "mnist", "method": m, "seed": s, "best_val_loss": v}
+            for m, s, v in [("stn", 0, 0.2), ("stn", 1, 0.4), ("delta", 0, 0.25), ("delta", 2, 0.27)]]
+    lines = compare.summary_table(rows).splitlines()
+    assert lines[0] == "| dataset | method | seed 0 | seed 1 | seed 2 | mean | seeds |"
+    assert lines[2] == "| mnist | delta | 0.2500 | – | 0.2700 | 0.2600 | 2 |"
+    assert lines[3] == "| mnist | stn | 0.2000 | 0.4000 | – | 0.3000 | 2 |"
+
+
+def test_compare_table_from_plots_the_chosen_seeds(tmp_path):
+    rows = [{"dataset": "mnist", "method": m, "seed": s, "best_val_loss": v, "test_loss": v, "best_hparams": {},
+             "steps": 10, "curve": [[1.0, v + 0.1], [2.0, v]]} for m, s, v in [("stn", 0, 0.2), ("delta", 1, 0.3)]]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    compare.main(["--table-from", str(tmp_path / "a.json"), "--png", str(tmp_path / "c.png"), "--seeds", "1"])
+    assert (tmp_path / "c.png").stat().st_size > 0
+    rows.append({**rows[0], "dataset": "fashionmnist"})
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    with pytest.raises(SystemExit):
+        compare.main(["--table-from", str(tmp_path / "b.json"), "--png", str(tmp_path / "d.png")])
 
 
 def test_summarize_runs_averages_the_last_epochs(tmp_path, capsys):

@@ -128,6 +128,16 @@ def test_compare_table_from_plots_the_chosen_seeds(tmp_path):
         compare.main(["--table-from", str(tmp_path / "b.json"), "--png", str(tmp_path / "d.png")])
 
 
+def test_response_optimizer_step_times_every_variant(tmp_path):
+    bench = load("response_optimizer_step")
+    out = tmp_path / "steps.json"
+    rows = bench.main(["--models", "simple_cnn", "--repeats", "2", "--warmup", "1", "--threads", "1",
+                       "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert [r["optimizer"] for r in rows] == list(bench.VARIANTS)
+    assert all(r["step_ms"] > 0 and r["theta_values"] > 10**6 for r in rows)
+
+
 def test_summarize_runs_averages_the_last_epochs(tmp_path, capsys):
     summarize = load("summarize_runs")
     for name, tuned, losses in [("t", True, [0.9, 0.5, 0.4, 0.3]), ("u", False, [0.8, 0.4, 0.6, 0.7])]:

@@ -49,7 +49,7 @@ class StepResult:
 
 def _adam(params: Sequence[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """Adam with its fused kernel where there is one: Θ is as large as w₀, and on CPU the
-    per-tensor loop costs 4× the fused step (a fifth of a plain MLP step; benchmarks/overhead.py)."""
+    per-tensor loop costs 8× the fused step (benchmarks/response_optimizer_step.py)."""
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or torch

@@ -222,13 +222,16 @@ def hyper_specs(dataset: str) -> dict[str, Any]:
                                 length=ht.HParam(init=4, low=0, high=20, discrete=True))}
 
 
-STN_METHOD = re.compile(r"^(stn|centered|delta)(?:_every(\d+))?(?:_frac([0-9.]+))?(?:_(adam|clone))?(_pinit)?$")
+STN_METHOD = re.compile(
+    r"^(stn|centered|delta)(?:_every(\d+))?(?:_frac([0-9.]+))?(?:_(adam|clone))?(?:_lr([0-9.]+(?:e-\d+)?))?(_pinit)?$"
+)
 
 
 def stn_method(method: str) -> tuple[str, dict[str, Any]] | None:
     """``delta``, or a variant such as ``delta_every3`` / ``delta_frac0.5`` / ``delta_clone`` (Θ on a
     copy of the weights' SGD instead of the library's default) / ``delta_adam`` (Θ on Adam, lr 1e-3:
-    the default of the centered modes, not of ``stn``) / ``delta_pinit`` (P, Θ's projection, starts
+    the default of the centered modes, not of ``stn``) / ``delta_every3_lr3e-3`` (that Adam's learning
+    rate) / ``delta_pinit`` (P, Θ's projection, starts
     at nn.Linear's default init instead of zero): (mode, optimizer options)."""
     match = STN_METHOD.match(method)
     if match is None:
@@ -241,6 +244,8 @@ def stn_method(method: str) -> tuple[str, dict[str, Any]] | None:
     if match.group(4):
         options["response_optimizer"] = match.group(4)
     if match.group(5):
+        options["response_lr"] = float(match.group(5))
+    if match.group(6):
         options["projection_init"] = True
     return match.group(1), options
 

@@ -73,6 +73,8 @@ def test_stn_method_names():
     assert compare.stn_method("delta_frac0.5") == ("delta", {"response_fraction": 0.5})
     assert compare.stn_method("delta_every2_adam") == ("delta", {"response_every": 2, "response_optimizer": "adam"})
     assert compare.stn_method("centered_clone") == ("centered", {"response_optimizer": "clone"})
+    assert compare.stn_method("delta_every3_lr3e-3") == ("delta", {"response_every": 3, "response_lr": 3e-3})
+    assert compare.stn_method("delta_lr0.002") == ("delta", {"response_lr": 0.002})
     assert compare.stn_method("delta_pinit") == ("delta", {"projection_init": True})
     assert compare.stn_method("optuna") is None
 

@@ -231,8 +231,8 @@ def stn_method(method: str) -> tuple[str, dict[str, Any]] | None:
     """``delta``, or a variant such as ``delta_every3`` / ``delta_frac0.5`` / ``delta_clone`` (Θ on a
     copy of the weights' SGD instead of the library's default) / ``delta_adam`` (Θ on Adam, lr 1e-3:
     the default of the centered modes, not of ``stn``) / ``delta_every3_lr3e-3`` (that Adam's learning
-    rate) / ``delta_pinit`` (P, Θ's projection, starts
-    at nn.Linear's default init instead of zero): (mode, optimizer options)."""
+    rate) / ``delta_pinit`` (P, Θ's projection, starts at nn.Linear's default init instead of zero):
+    (mode, optimizer options)."""
     match = STN_METHOD.match(method)
     if match is None:
         return None

@@ -13,7 +13,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hypertune as ht  # noqa: E402
-from overhead import _setup  # noqa: E402
+from overhead import _setup, _timer  # noqa: E402
 
 VARIANTS = {
     "adam (per-tensor loop)": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=False),
@@ -37,6 +36,7 @@ def measure(name: str, device: torch.device, repeats: int, warmup: int) -> list[
     model = ht.HyperModel.wrap(factory(), hparams).to(device)
     theta = model.response_parameters()
     size = sum(p.numel() for p in theta)
+    timer = _timer(device)
     rows = []
     for label, build in VARIANTS.items():
         params = [torch.nn.Parameter(p.detach().clone()) for p in theta]
@@ -45,15 +45,7 @@ def measure(name: str, device: torch.device, repeats: int, warmup: int) -> list[
         opt = build(params)
         for _ in range(warmup):
             opt.step()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1000)
+        times = [timer(opt.step) for _ in range(repeats)]
         rows.append({"model": name, "device": str(device), "theta_values": size, "optimizer": label,
                      "step_ms": round(statistics.median(times), 3)})
         print(f"{name:>10} {str(device):>6} {size:>10} {label:>24} {rows[-1]['step_ms']:9.2f}", flush=True)

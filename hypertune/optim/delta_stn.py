@@ -276,9 +276,8 @@ class DeltaSTNOptimizer:
             raise HyperTuneError(f"response_every={response_every!r} must be an int >= 1")
         if not 0 < response_fraction <= 1:
             raise HyperTuneError(f"response_fraction={response_fraction!r} must lie in (0, 1]")
-        if not (response_optimizer is None or isinstance(response_optimizer, (str, torch.optim.Optimizer))) or (
-            isinstance(response_optimizer, str) and response_optimizer not in ("adam", "clone")
-        ):
+        built = isinstance(response_optimizer, str) and response_optimizer in ("adam", "clone")
+        if not (built or response_optimizer is None or isinstance(response_optimizer, torch.optim.Optimizer)):
             raise HyperTuneError(
                 f"response_optimizer={response_optimizer!r}: pass a torch.optim.Optimizer over "
                 "model.response_parameters(), 'adam' (default in the centered modes) or 'clone'"
@@ -287,11 +286,11 @@ class DeltaSTNOptimizer:
             response_optimizer = "clone" if mode == "stn" else "adam"
         if response_lr is not None:
             if response_optimizer != "adam":
+                theirs = response_optimizer if isinstance(response_optimizer, str) else "yours"
                 raise HyperTuneError(
                     f"response_lr sets the learning rate of the Adam hypertune builds for Θ, but Θ's "
-                    f"optimizer here is {response_optimizer if isinstance(response_optimizer, str) else 'yours'!r}"
-                    " (in mode='stn' the default is a clone of your optimizer): drop response_lr, or "
-                    "pass response_optimizer='adam'"
+                    f"optimizer here is {theirs!r} (in mode='stn' the default is a clone of your "
+                    "optimizer): drop response_lr, or pass response_optimizer='adam'"
                 )
             if not (isinstance(response_lr, (int, float)) and math.isfinite(response_lr) and response_lr > 0):
                 raise HyperTuneError(f"response_lr={response_lr!r} must be a positive finite float")

@@ -56,15 +56,15 @@ def search_space(dataset: str) -> dict[str, tuple[float, float, bool]]:
     }
 
 
-def initial_values(dataset: str) -> dict[str, float]:
-    values = {k: DROPOUT_INIT for k in search_space(dataset)}
+def initial_values(dataset: str, dropout_init: float = DROPOUT_INIT) -> dict[str, float]:
+    values = {k: dropout_init for k in search_space(dataset)}
     if dataset != "mnist":
         values.update({"cutout:holes": 1.0, "cutout:length": 4.0})
     return values
 
 
-def build_model(dataset: str) -> nn.Module:
-    return mnist_mlp(dropout=DROPOUT_INIT) if dataset == "mnist" else SimpleCNN(dropout=DROPOUT_INIT)
+def build_model(dataset: str, dropout_init: float = DROPOUT_INIT) -> nn.Module:
+    return mnist_mlp(dropout=dropout_init) if dataset == "mnist" else SimpleCNN(dropout=dropout_init)
 
 
 def dropout_modules(dataset: str, model: nn.Module) -> dict[str, nn.Module]:
@@ -187,7 +187,7 @@ def run_search(method: str, dataset: str, data, args, seed: int) -> dict[str, An
     rng = random.Random(seed)
     trial = 0
     if method == "untuned":  # one run at the initial values for the whole budget, like the STN runs
-        train_plain(dataset, initial_values(dataset), data, args, tracker, seed, 10**9, args.eval_every)
+        train_plain(dataset, initial_values(dataset, args.dropout_init), data, args, tracker, seed, 10**9, args.eval_every)
         trial = 1
     elif method == "random":
         while not tracker.budget.exhausted():
@@ -198,7 +198,7 @@ def run_search(method: str, dataset: str, data, args, seed: int) -> dict[str, An
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
-        study.enqueue_trial(initial_values(dataset))
+        study.enqueue_trial(initial_values(dataset, args.dropout_init))
 
         def objective(t: "optuna.Trial") -> float:
             values = {k: float(t.suggest_int(k, int(lo), int(hi)) if disc else t.suggest_float(k, lo, hi))
@@ -213,11 +213,11 @@ def run_search(method: str, dataset: str, data, args, seed: int) -> dict[str, An
     return out
 
 
-def hyper_specs(dataset: str) -> dict[str, Any]:
+def hyper_specs(dataset: str, dropout_init: float = DROPOUT_INIT) -> dict[str, Any]:
     if dataset == "mnist":
-        return {"input_dropout": ht.InputDropout(init=DROPOUT_INIT, high=DROPOUT_HIGH),
-                "dropout": ht.DropoutRate(init=DROPOUT_INIT, high=DROPOUT_HIGH, per_site=True)}
-    return {"dropout": ht.DropoutRate(init=DROPOUT_INIT, high=DROPOUT_HIGH, per_site=True),
+        return {"input_dropout": ht.InputDropout(init=dropout_init, high=DROPOUT_HIGH),
+                "dropout": ht.DropoutRate(init=dropout_init, high=DROPOUT_HIGH, per_site=True)}
+    return {"dropout": ht.DropoutRate(init=dropout_init, high=DROPOUT_HIGH, per_site=True),
             "cutout": ht.Cutout(holes=ht.HParam(init=1, low=0, high=4, discrete=True),
                                 length=ht.HParam(init=4, low=0, high=20, discrete=True))}
 
@@ -254,7 +254,7 @@ def run_stn(method: str, dataset: str, data, args, seed: int, out_dir: Path | No
     mode, options = stn_method(method)  # type: ignore[misc]
     torch.manual_seed(seed)
     tracker = Tracker(method, Budget(args.budget, args.clock))
-    model = ht.HyperModel.wrap(build_model(dataset), hyper_specs(dataset))
+    model = ht.HyperModel.wrap(build_model(dataset, args.dropout_init), hyper_specs(dataset, args.dropout_init))
     if options.pop("projection_init", False):
         # An experiment on the P = 0 saddle: at δλ = 0 the centered modes still compute w₀ exactly.
         for layer in model.hyper_layers().values():
@@ -350,14 +350,20 @@ def plot_schedules(paths: list[Path], out: Path) -> None:
     fig.savefig(out, dpi=100)
 
 
+def _dataset_label(r: dict[str, Any]) -> str:
+    """The dataset, and the dropout start where a run did not use the default one."""
+    init = r.get("dropout_init", DROPOUT_INIT)
+    return r["dataset"] if init == DROPOUT_INIT else f"{r['dataset']} (dropout from {init:g})"
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
     """One row per method and seed, best validation loss first within each dataset."""
     lines = ["| dataset | method | seed | trials / steps | best val loss | its test loss | hyperparameters at the best |",
              "|---|---|---:|---:|---:|---:|---|"]
-    for r in sorted(results, key=lambda r: (r["dataset"], r["seed"], r["best_val_loss"])):
+    for r in sorted(results, key=lambda r: (_dataset_label(r), r["seed"], r["best_val_loss"])):
         work = f"{r['steps']} steps" if "steps" in r else f"{r['trials']} trials"
         hp = ", ".join(f"{k}={v:.3g}" for k, v in r["best_hparams"].items())
-        lines.append(f"| {r['dataset']} | {r['method']} | {r['seed']} | {work} | {r['best_val_loss']:.4f} "
+        lines.append(f"| {_dataset_label(r)} | {r['method']} | {r['seed']} | {work} | {r['best_val_loss']:.4f} "
                      f"| {r['test_loss']:.4f} | {hp} |")
     return "\n".join(lines)
 
@@ -367,7 +373,7 @@ def summary_table(results: list[dict[str, Any]]) -> str:
     first. Seeds run with the same data, so a method's spread over seeds is its noise."""
     by: dict[tuple[str, str], dict[int, float]] = {}
     for r in results:
-        by.setdefault((r["dataset"], r["method"]), {})[int(r["seed"])] = r["best_val_loss"]
+        by.setdefault((_dataset_label(r), r["method"]), {})[int(r["seed"])] = r["best_val_loss"]
     seeds = sorted({s for v in by.values() for s in v})
     lines = ["| dataset | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | seeds |",
              "|---|---|" + "---:|" * (len(seeds) + 2)]
@@ -396,6 +402,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--response-fraction", type=float, default=1.0)
+    parser.add_argument("--dropout-init", type=float, default=DROPOUT_INIT,
+                        help="every dropout rate starts here (untuned holds it; Optuna's first trial)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
@@ -452,7 +460,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 r = run_stn(method, args.dataset, data, args, seed, out_dir)
             else:
                 r = run_search(method, args.dataset, data, args, seed)
-            r.update({"dataset": args.dataset, "seed": seed, "budget_s": args.budget, "clock": args.clock})
+            r.update({"dataset": args.dataset, "seed": seed, "budget_s": args.budget, "clock": args.clock,
+                      "dropout_init": args.dropout_init})
             results.append(r)
             hp = ", ".join(f"{k}={v:.3g}" for k, v in r["best_hparams"].items())
             print(f"{method:>9} {seed:>4} {r['best_val_loss']:9.4f} {r['test_loss']:8.4f}  {hp}", flush=True)

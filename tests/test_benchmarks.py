@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import hypertune as ht
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
 
@@ -116,6 +118,25 @@ def test_compare_summary_averages_seeds_and_sorts_by_mean():
     assert lines[0] == "| dataset | method | seed 0 | seed 1 | seed 2 | mean | seeds |"
     assert lines[2] == "| mnist | delta | 0.2500 | – | 0.2700 | 0.2600 | 2 |"
     assert lines[3] == "| mnist | stn | 0.2000 | 0.4000 | – | 0.3000 | 2 |"
+
+
+def test_compare_tables_keep_runs_from_another_dropout_start_apart():
+    rows = [{"dataset": "mnist", "method": "stn", "seed": 0, "best_val_loss": 0.2, "test_loss": 0.2,
+             "best_hparams": {}, "steps": 10},
+            {"dataset": "mnist", "method": "stn", "seed": 0, "best_val_loss": 0.3, "test_loss": 0.3,
+             "best_hparams": {}, "steps": 10, "dropout_init": 0.85}]
+    summary = compare.summary_table(rows).splitlines()[2:]
+    assert summary == ["| mnist | stn | 0.2000 | 0.2000 | 1 |",
+                       "| mnist (dropout from 0.85) | stn | 0.3000 | 0.3000 | 1 |"]
+    assert "| mnist (dropout from 0.85) | stn | 0 |" in compare.markdown_table(rows)
+
+
+def test_compare_starts_every_method_at_the_dropout_init():
+    assert set(compare.initial_values("mnist", 0.85).values()) == {0.85}
+    specs = compare.hyper_specs("fashionmnist", 0.85)
+    model = ht.HyperModel.wrap(compare.build_model("fashionmnist", 0.85), specs)
+    dropouts = {k: v for k, v in model.hparam_values().items() if k.startswith("dropout")}
+    assert dropouts and all(abs(v - 0.85) < 1e-5 for v in dropouts.values())
 
 
 def test_compare_table_from_plots_the_chosen_seeds(tmp_path):

@@ -286,7 +286,8 @@ def run_stn(method: str, dataset: str, data, args, seed: int, out_dir: Path | No
         # λ moves only in val steps: their rows are the schedule (gzip keeps the files small).
         schedule = [{"step": r.step, "loss": round(r.loss, 5), **{k: round(v, 5) for k, v in r.hparams.items()}}
                     for r in opt.history if r.kind == "val"]
-        with gzip.open(out_dir / f"schedule_{dataset}_{method}_seed{seed}.json.gz", "wt") as f:
+        start = "" if args.dropout_init == DROPOUT_INIT else f"-from{args.dropout_init:g}"
+        with gzip.open(out_dir / f"schedule_{dataset}{start}_{method}_seed{seed}.json.gz", "wt") as f:
             json.dump(schedule, f)
     return out
 
@@ -319,10 +320,10 @@ def plot_schedules(paths: list[Path], out: Path) -> None:
 
     runs = {}
     for path in paths:
-        match = re.match(r"schedule_(mnist|fashionmnist)_(.+)_seed(\d+)\.json\.gz$", path.name)
+        match = re.match(r"schedule_((?:mnist|fashionmnist)(?:-from[0-9.]+)?)_(.+)_seed(\d+)\.json\.gz$", path.name)
         if match is None:
             raise SystemExit(f"{path}: not a compare.py schedule (schedule_<dataset>_<method>_seed<n>.json.gz)")
-        key = (match.group(1), match.group(2))
+        key = (match.group(1).replace("-from", ", dropout from "), match.group(2))
         if key in runs:
             raise SystemExit(f"{path}: a second seed of {key[1]} on {key[0]}; plot one seed at a time")
         with gzip.open(path, "rt") as f:

@@ -182,7 +182,8 @@ def test_plot_schedules_draws_one_panel_per_dataset_and_method(tmp_path):
     import gzip
 
     paths = []
-    for dataset, method in [("mnist", "stn"), ("mnist", "delta"), ("fashionmnist", "delta")]:
+    # a run from another dropout start is its own row, not a second seed of the same method
+    for dataset, method in [("mnist", "stn"), ("mnist", "delta"), ("mnist-from0.85", "delta"), ("fashionmnist", "delta")]:
         path = tmp_path / f"schedule_{dataset}_{method}_seed0.json.gz"
         with gzip.open(path, "wt") as f:
             json.dump([{"step": s, "loss": 1.0, "input_dropout": 0.05 + s / 1e4, "cutout:holes": 1} for s in (5, 10)], f)

@@ -320,10 +320,11 @@ def plot_schedules(paths: list[Path], out: Path) -> None:
 
     runs = {}
     for path in paths:
-        match = re.match(r"schedule_((?:mnist|fashionmnist)(?:-from[0-9.]+)?)_(.+)_seed(\d+)\.json\.gz$", path.name)
+        match = re.match(r"schedule_(mnist|fashionmnist)(?:-from([0-9.]+))?_(.+)_seed(\d+)\.json\.gz$", path.name)
         if match is None:
             raise SystemExit(f"{path}: not a compare.py schedule (schedule_<dataset>_<method>_seed<n>.json.gz)")
-        key = (match.group(1).replace("-from", ", dropout from "), match.group(2))
+        start = float(match.group(2)) if match.group(2) else DROPOUT_INIT
+        key = (_dataset_label({"dataset": match.group(1), "dropout_init": start}), match.group(3))
         if key in runs:
             raise SystemExit(f"{path}: a second seed of {key[1]} on {key[0]}; plot one seed at a time")
         with gzip.open(path, "rt") as f:

@@ -42,6 +42,7 @@ from hypertune.layers import dropout_per_example  # noqa: E402
 
 DROPOUT_INIT = 0.05
 DROPOUT_HIGH = 0.95
+DROPOUT_SCALE = 1.0  # σ₀ of every dropout rate on its logit scale: the library's default
 
 
 def search_space(dataset: str) -> dict[str, tuple[float, float, bool]]:
@@ -213,11 +214,12 @@ def run_search(method: str, dataset: str, data, args, seed: int) -> dict[str, An
     return out
 
 
-def hyper_specs(dataset: str, dropout_init: float = DROPOUT_INIT) -> dict[str, Any]:
+def hyper_specs(dataset: str, dropout_init: float = DROPOUT_INIT,
+                dropout_scale: float = DROPOUT_SCALE) -> dict[str, Any]:
+    rate = {"init": dropout_init, "high": DROPOUT_HIGH, "init_scale": dropout_scale}
     if dataset == "mnist":
-        return {"input_dropout": ht.InputDropout(init=dropout_init, high=DROPOUT_HIGH),
-                "dropout": ht.DropoutRate(init=dropout_init, high=DROPOUT_HIGH, per_site=True)}
-    return {"dropout": ht.DropoutRate(init=dropout_init, high=DROPOUT_HIGH, per_site=True),
+        return {"input_dropout": ht.InputDropout(**rate), "dropout": ht.DropoutRate(**rate, per_site=True)}
+    return {"dropout": ht.DropoutRate(**rate, per_site=True),
             "cutout": ht.Cutout(holes=ht.HParam(init=1, low=0, high=4, discrete=True),
                                 length=ht.HParam(init=4, low=0, high=20, discrete=True))}
 
@@ -254,7 +256,8 @@ def run_stn(method: str, dataset: str, data, args, seed: int, out_dir: Path | No
     mode, options = stn_method(method)  # type: ignore[misc]
     torch.manual_seed(seed)
     tracker = Tracker(method, Budget(args.budget, args.clock))
-    model = ht.HyperModel.wrap(build_model(dataset, args.dropout_init), hyper_specs(dataset, args.dropout_init))
+    specs = hyper_specs(dataset, args.dropout_init, args.dropout_scale)
+    model = ht.HyperModel.wrap(build_model(dataset, args.dropout_init), specs)
     if options.pop("projection_init", False):
         # An experiment on the P = 0 saddle: at δλ = 0 the centered modes still compute w₀ exactly.
         for layer in model.hyper_layers().values():
@@ -284,9 +287,12 @@ def run_stn(method: str, dataset: str, data, args, seed: int, out_dir: Path | No
     out["final_hparams"] = final_hparams
     if out_dir is not None:
         # λ moves only in val steps: their rows are the schedule (gzip keeps the files small).
-        schedule = [{"step": r.step, "loss": round(r.loss, 5), **{k: round(v, 5) for k, v in r.hparams.items()}}
+        # σ (the perturbation std, tuned by the entropy term) is kept too: "scale:<name>".
+        schedule = [{"step": r.step, "loss": round(r.loss, 5), **{k: round(v, 5) for k, v in r.hparams.items()},
+                     **{f"scale:{k}": round(v, 5) for k, v in r.scales.items()}}
                     for r in opt.history if r.kind == "val"]
         start = "" if args.dropout_init == DROPOUT_INIT else f"-from{args.dropout_init:g}"
+        start += "" if args.dropout_scale == DROPOUT_SCALE else f"-scale{args.dropout_scale:g}"
         with gzip.open(out_dir / f"schedule_{dataset}{start}_{method}_seed{seed}.json.gz", "wt") as f:
             json.dump(schedule, f)
     return out
@@ -320,11 +326,14 @@ def plot_schedules(paths: list[Path], out: Path) -> None:
 
     runs = {}
     for path in paths:
-        match = re.match(r"schedule_(mnist|fashionmnist)(?:-from([0-9.]+))?_(.+)_seed(\d+)\.json\.gz$", path.name)
+        match = re.match(r"schedule_(mnist|fashionmnist)(?:-from([0-9.]+))?(?:-scale([0-9.]+))?_(.+)_seed(\d+)\.json\.gz$",
+                         path.name)
         if match is None:
             raise SystemExit(f"{path}: not a compare.py schedule (schedule_<dataset>_<method>_seed<n>.json.gz)")
         start = float(match.group(2)) if match.group(2) else DROPOUT_INIT
-        key = (_dataset_label({"dataset": match.group(1), "dropout_init": start}), match.group(3))
+        scale = float(match.group(3)) if match.group(3) else DROPOUT_SCALE
+        key = (_dataset_label({"dataset": match.group(1), "dropout_init": start, "dropout_scale": scale}),
+               match.group(4))
         if key in runs:
             raise SystemExit(f"{path}: a second seed of {key[1]} on {key[0]}; plot one seed at a time")
         with gzip.open(path, "rt") as f:
@@ -339,8 +348,8 @@ def plot_schedules(paths: list[Path], out: Path) -> None:
             ax = axes[i][j]
             rows = runs.get((dataset, method), [])
             for name in [k for k in (rows[0] if rows else {}) if k not in ("step", "loss")]:
-                if name.startswith("cutout"):
-                    continue  # integer-valued, on another scale; in the JSON
+                if name.startswith(("cutout", "scale:")):
+                    continue  # another scale (integer counts, σ on the logit scale); in the JSON
                 ax.plot([r["step"] for r in rows], [r[name] for r in rows], label=name.split(":")[-1])
             ax.set_title(f"{dataset}: {method}", fontsize=9)
             ax.set_xlabel("train step", fontsize=8)
@@ -353,9 +362,11 @@ def plot_schedules(paths: list[Path], out: Path) -> None:
 
 
 def _dataset_label(r: dict[str, Any]) -> str:
-    """The dataset, and the dropout start where a run did not use the default one."""
-    init = r.get("dropout_init", DROPOUT_INIT)
-    return r["dataset"] if init == DROPOUT_INIT else f"{r['dataset']} (dropout from {init:g})"
+    """The dataset, and the dropout start and σ₀ where a run did not use the default ones."""
+    init, scale = r.get("dropout_init", DROPOUT_INIT), r.get("dropout_scale", DROPOUT_SCALE)
+    notes = ([] if init == DROPOUT_INIT else [f"dropout from {init:g}"]) + \
+        ([] if scale == DROPOUT_SCALE else [f"σ₀ {scale:g}"])
+    return f"{r['dataset']} ({', '.join(notes)})" if notes else r["dataset"]
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
@@ -406,6 +417,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--response-fraction", type=float, default=1.0)
     parser.add_argument("--dropout-init", type=float, default=DROPOUT_INIT,
                         help="every dropout rate starts here (untuned holds it; Optuna's first trial)")
+    parser.add_argument("--dropout-scale", type=float, default=DROPOUT_SCALE,
+                        help="σ₀, the STN modes' initial perturbation std of every dropout rate (logit scale)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
@@ -463,7 +476,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             else:
                 r = run_search(method, args.dataset, data, args, seed)
             r.update({"dataset": args.dataset, "seed": seed, "budget_s": args.budget, "clock": args.clock,
-                      "dropout_init": args.dropout_init})
+                      "dropout_init": args.dropout_init, "dropout_scale": args.dropout_scale})
             results.append(r)
             hp = ", ".join(f"{k}={v:.3g}" for k, v in r["best_hparams"].items())
             print(f"{method:>9} {seed:>4} {r['best_val_loss']:9.4f} {r['test_loss']:8.4f}  {hp}", flush=True)

@@ -139,6 +139,18 @@ def test_compare_starts_every_method_at_the_dropout_init():
     assert dropouts and all(abs(v - 0.85) < 1e-5 for v in dropouts.values())
 
 
+def test_compare_dropout_scale_sets_sigma0_of_every_rate_and_names_the_runs():
+    model = ht.HyperModel.wrap(compare.build_model("mnist"), compare.hyper_specs("mnist", 0.05, 2.5))
+    scales = model.hparams.scales()
+    assert scales and all(abs(v - 2.5) < 1e-5 for v in scales.values())
+    default = ht.HyperModel.wrap(compare.build_model("mnist"), compare.hyper_specs("mnist"))
+    assert all(abs(v - compare.DROPOUT_SCALE) < 1e-5 for v in default.hparams.scales().values())
+    assert compare._dataset_label({"dataset": "mnist", "dropout_scale": 2.5}) == "mnist (σ₀ 2.5)"
+    assert compare._dataset_label({"dataset": "mnist", "dropout_init": 0.85, "dropout_scale": 2.5}) == \
+        "mnist (dropout from 0.85, σ₀ 2.5)"
+    assert compare._dataset_label({"dataset": "mnist", "dropout_scale": compare.DROPOUT_SCALE}) == "mnist"
+
+
 def test_compare_table_from_plots_the_chosen_seeds(tmp_path):
     rows = [{"dataset": "mnist", "method": m, "seed": s, "best_val_loss": v, "test_loss": v, "best_hparams": {},
              "steps": 10, "curve": [[1.0, v + 0.1], [2.0, v]]} for m, s, v in [("stn", 0, 0.2), ("delta", 1, 0.3)]]

@@ -225,7 +225,7 @@ def hyper_specs(dataset: str, dropout_init: float = DROPOUT_INIT,
 
 
 STN_METHOD = re.compile(
-    r"^(stn|centered|delta)(?:_every(\d+))?(?:_frac([0-9.]+))?(?:_(adam|clone))?(?:_lr([0-9.]+(?:e-\d+)?))?(_pinit)?$"
+    r"^(stn|centered|delta)(?:_every(\d+))?(?:_frac([0-9.]+))?(?:_(adam|clone))?(?:_lr([0-9.]+(?:e-\d+)?))?(_pinit)?(_fixscale)?$"
 )
 
 
@@ -233,7 +233,8 @@ def stn_method(method: str) -> tuple[str, dict[str, Any]] | None:
     """``delta``, or a variant such as ``delta_every3`` / ``delta_frac0.5`` / ``delta_clone`` (Θ on a
     copy of the weights' SGD instead of the library's default) / ``delta_adam`` (Θ on Adam, lr 1e-3:
     the default of the centered modes, not of ``stn``) / ``delta_every3_lr3e-3`` (that Adam's learning
-    rate) / ``delta_pinit`` (P, Θ's projection, starts at nn.Linear's default init instead of zero):
+    rate) / ``delta_pinit`` (P, Θ's projection, starts at nn.Linear's default init instead of zero) /
+    ``delta_fixscale`` (σ held at σ₀, ``tune_scales=False``: the reference code's default):
     (mode, optimizer options)."""
     match = STN_METHOD.match(method)
     if match is None:
@@ -249,6 +250,8 @@ def stn_method(method: str) -> tuple[str, dict[str, Any]] | None:
         options["response_lr"] = float(match.group(5))
     if match.group(6):
         options["projection_init"] = True
+    if match.group(7):
+        options["tune_scales"] = False
     return match.group(1), options
 
 

@@ -78,6 +78,8 @@ def test_stn_method_names():
     assert compare.stn_method("delta_every3_lr3e-3") == ("delta", {"response_every": 3, "response_lr": 3e-3})
     assert compare.stn_method("delta_lr0.002") == ("delta", {"response_lr": 0.002})
     assert compare.stn_method("delta_pinit") == ("delta", {"projection_init": True})
+    assert compare.stn_method("delta_fixscale") == ("delta", {"tune_scales": False})
+    assert compare.stn_method("stn_every3_fixscale") == ("stn", {"response_every": 3, "tune_scales": False})
     assert compare.stn_method("optuna") is None
 
 

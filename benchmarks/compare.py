@@ -320,6 +320,32 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def read_schedule(path: Path) -> tuple[str, str, int, list[dict[str, float]]]:
+    """(dataset label, method, seed, rows) of a schedule file, from its name and content."""
+    match = re.match(r"schedule_(mnist|fashionmnist)(?:-from([0-9.]+))?(?:-scale([0-9.]+))?_(.+)_seed(\d+)\.json\.gz$",
+                     path.name)
+    if match is None:
+        raise SystemExit(f"{path}: not a compare.py schedule (schedule_<dataset>_<method>_seed<n>.json.gz)")
+    start = float(match.group(2)) if match.group(2) else DROPOUT_INIT
+    scale = float(match.group(3)) if match.group(3) else DROPOUT_SCALE
+    label = _dataset_label({"dataset": match.group(1), "dropout_init": start, "dropout_scale": scale})
+    with gzip.open(path, "rt") as f:
+        return label, match.group(4), int(match.group(5)), json.load(f)
+
+
+def schedule_table(paths: list[Path], steps: list[int]) -> str:
+    """Each dropout rate and its σ (where the file has it) at the λ steps nearest ``steps``."""
+    lines = ["| dataset | method | seed | step | rates (σ) |", "|---|---|---:|---:|---|"]
+    for path in paths:
+        dataset, method, seed, rows = read_schedule(path)
+        for want in steps:
+            row = min(rows, key=lambda r: abs(r["step"] - want))
+            cells = [f"{k} {v:.3f}" + (f" ({row['scale:' + k]:.2f})" if f"scale:{k}" in row else "")
+                     for k, v in row.items() if k not in ("step", "loss") and not k.startswith(("cutout", "scale:"))]
+            lines.append(f"| {dataset} | {method} | {seed} | {row['step']} | {', '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def plot_schedules(paths: list[Path], out: Path) -> None:
     """λ against step for each STN run: one row of panels per dataset, one column per method."""
     import matplotlib
@@ -329,18 +355,10 @@ def plot_schedules(paths: list[Path], out: Path) -> None:
 
     runs = {}
     for path in paths:
-        match = re.match(r"schedule_(mnist|fashionmnist)(?:-from([0-9.]+))?(?:-scale([0-9.]+))?_(.+)_seed(\d+)\.json\.gz$",
-                         path.name)
-        if match is None:
-            raise SystemExit(f"{path}: not a compare.py schedule (schedule_<dataset>_<method>_seed<n>.json.gz)")
-        start = float(match.group(2)) if match.group(2) else DROPOUT_INIT
-        scale = float(match.group(3)) if match.group(3) else DROPOUT_SCALE
-        key = (_dataset_label({"dataset": match.group(1), "dropout_init": start, "dropout_scale": scale}),
-               match.group(4))
-        if key in runs:
-            raise SystemExit(f"{path}: a second seed of {key[1]} on {key[0]}; plot one seed at a time")
-        with gzip.open(path, "rt") as f:
-            runs[key] = json.load(f)
+        dataset, method, _, rows = read_schedule(path)
+        if (dataset, method) in runs:
+            raise SystemExit(f"{path}: a second seed of {method} on {dataset}; plot one seed at a time")
+        runs[dataset, method] = rows
     datasets = sorted({d for d, _ in runs})
     methods = [m for m in ("stn", "centered", "delta") if any(k[1] == m for k in runs)]
     methods += sorted({m for _, m in runs} - set(methods))
@@ -430,7 +448,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                              "--seeds runs' curves) and exit")
     parser.add_argument("--plot-schedules", nargs="+", default=None, metavar="JSON_GZ",
                         help="plot these schedule files into --png and exit")
+    parser.add_argument("--schedule-table", nargs="+", default=None, metavar="JSON_GZ",
+                        help="print each dropout rate and its σ in these schedule files at --at steps, and exit")
+    parser.add_argument("--at", default="200,1000,2000,3000", help="steps for --schedule-table")
     args = parser.parse_args(argv)
+    if args.schedule_table:
+        print(schedule_table([Path(p) for p in args.schedule_table], [int(x) for x in args.at.split(",")]))
+        return []
     if args.plot_schedules:
         if not args.png:
             parser.error("--plot-schedules needs --png OUT")

@@ -6,6 +6,7 @@ scripts do with them and the shape of what they write.
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import math
@@ -216,3 +217,17 @@ def test_reference_overhead_needs_a_checkout(tmp_path):
         reference.main(["--reference-repo", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"unknown mode\(s\) \['grid'\]"):
         reference.main(["--reference-repo", str(tmp_path), "--modes", "delta,grid"])
+
+
+def test_compare_schedule_table_reads_rates_and_sigmas_at_the_nearest_steps(tmp_path):
+    rows = [{"step": s, "loss": 0.3, "dropout:3": 0.05 + s / 1e4, "cutout:holes": 1.0, "scale:dropout:3": 2.0 - s / 1e3}
+            for s in (200, 205, 600)]
+    path = tmp_path / "schedule_mnist-scale2_delta_seed1.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(rows, f)
+    assert compare.read_schedule(path)[:3] == ("mnist (σ₀ 2)", "delta", 1)
+    lines = compare.schedule_table([path], [0, 500]).splitlines()[2:]
+    assert lines == ["| mnist (σ₀ 2) | delta | 1 | 200 | dropout:3 0.070 (1.80) |",
+                     "| mnist (σ₀ 2) | delta | 1 | 600 | dropout:3 0.110 (1.40) |"]
+    with pytest.raises(SystemExit):
+        compare.read_schedule(tmp_path / "other.json.gz")

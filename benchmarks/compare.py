@@ -503,7 +503,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             else:
                 r = run_search(method, args.dataset, data, args, seed)
             r.update({"dataset": args.dataset, "seed": seed, "budget_s": args.budget, "clock": args.clock,
-                      "dropout_init": args.dropout_init, "dropout_scale": args.dropout_scale})
+                      "dropout_init": args.dropout_init,
+                      # σ₀ exists only in the STN modes: search runs keep the default label
+                      "dropout_scale": args.dropout_scale if stn_method(method) else DROPOUT_SCALE})
             results.append(r)
             hp = ", ".join(f"{k}={v:.3g}" for k, v in r["best_hparams"].items())
             print(f"{method:>9} {seed:>4} {r['best_val_loss']:9.4f} {r['test_loss']:8.4f}  {hp}", flush=True)

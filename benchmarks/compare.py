@@ -333,6 +333,11 @@ def read_schedule(path: Path) -> tuple[str, str, int, list[dict[str, float]]]:
         return label, match.group(4), int(match.group(5)), json.load(f)
 
 
+def _rate_names(row: dict[str, float]) -> list[str]:
+    """The dropout rates in a schedule row: not its step and loss, Cutout's integer counts or σ."""
+    return [k for k in row if k not in ("step", "loss") and not k.startswith(("cutout", "scale:"))]
+
+
 def schedule_table(paths: list[Path], steps: list[int]) -> str:
     """Each dropout rate and its σ (where the file has it) at the λ steps nearest ``steps``."""
     lines = ["| dataset | method | seed | step | rates (σ) |", "|---|---|---:|---:|---|"]
@@ -340,8 +345,8 @@ def schedule_table(paths: list[Path], steps: list[int]) -> str:
         dataset, method, seed, rows = read_schedule(path)
         for want in steps:
             row = min(rows, key=lambda r: abs(r["step"] - want))
-            cells = [f"{k} {v:.3f}" + (f" ({row['scale:' + k]:.2f})" if f"scale:{k}" in row else "")
-                     for k, v in row.items() if k not in ("step", "loss") and not k.startswith(("cutout", "scale:"))]
+            cells = [f"{k} {row[k]:.3f}" + (f" ({row['scale:' + k]:.2f})" if f"scale:{k}" in row else "")
+                     for k in _rate_names(row)]
             lines.append(f"| {dataset} | {method} | {seed} | {row['step']} | {', '.join(cells)} |")
     return "\n".join(lines)
 
@@ -368,9 +373,7 @@ def plot_schedules(paths: list[Path], out: Path) -> None:
         for j, method in enumerate(methods):
             ax = axes[i][j]
             rows = runs.get((dataset, method), [])
-            for name in [k for k in (rows[0] if rows else {}) if k not in ("step", "loss")]:
-                if name.startswith(("cutout", "scale:")):
-                    continue  # another scale (integer counts, σ on the logit scale); in the JSON
+            for name in _rate_names(rows[0]) if rows else []:  # cutout counts and σ: in the JSON
                 ax.plot([r["step"] for r in rows], [r[name] for r in rows], label=name.split(":")[-1])
             ax.set_title(f"{dataset}: {method}", fontsize=9)
             ax.set_xlabel("train step", fontsize=8)

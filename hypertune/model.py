@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import context, surgery
+from .attention import TunedRateCalls
 from .augment.base import Augmentation
 from .context import Perturbation
 from .errors import HyperTuneError
 from .hyperparameters import HyperParameters
 from .layers import HyperDropout, HyperLayer, dropout_per_example
+from .layers.dropout import RateInterceptionNeeded
+from .rows import BatchPerturbationNeeded
 from .penalties import ActivationPenalty, WeightDecayPenalty
 from .specs import HParam, Target, TemporalActivationRegularization, WeightDecay, validate_specs
 
@@ -61,6 +65,12 @@ class HyperModel(nn.Module):
             if isinstance(m, HyperLayer):
                 layers[name] = m
         self._layer_paths = list(layers)
+        self._dropouts = list({id(m): m for m in module.modules() if isinstance(m, HyperDropout)}.values())
+        for drop in self._dropouts:
+            drop.attach(hparams)
+        self._per_batch: str | None = None  # the site that needed per-batch perturbation
+        self._layout_seen = False  # a pass with per-example rows has run through
+        self._intercept_rates = False  # a tuned dropout's rate is read as a float (attention)
         self._penalties = []
         for name, paths in plan.weight_decay.items():
             spec = plan.specs[name]
@@ -159,10 +169,72 @@ class HyperModel(nn.Module):
         if self._unwrapped:
             raise HyperTuneError("this HyperModel was unwrapped; use the module unwrap() returned")
         point = self._override if self._override is not None else self.current_point()
-        with context.active(point):
+        if self._per_batch is not None:
+            point.share_first_row()
+        while True:
+            saved = self._norm_stats() if point.rows > 1 and not self._layout_seen else None
+            try:
+                out = self._run(point, args, kwargs)
+            except RateInterceptionNeeded:
+                if self._intercept_rates:
+                    raise
+                self._intercept_rates = True
+            except BatchPerturbationNeeded as err:
+                if point.rows == 1:
+                    raise
+                self._fall_back_to_batch(err.site)
+                point.share_first_row()
+            else:
+                if point.rows > 1:
+                    self._layout_seen = True
+                return out
+            # run the pass again: undo what the interrupted pass left behind
+            for buf, value in saved or ():
+                buf.copy_(value)
+            for penalty in self._activation_penalties:
+                penalty.outputs.clear()
+
+    def _run(self, point: Perturbation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        intercept = self._intercept_rates and point.rows > 1
+        with context.active(point), (TunedRateCalls() if intercept else nullcontext()):
             if self.training and args and torch.is_tensor(args[0]) and args[0].is_floating_point():
                 args = (self._transform_input(args[0], point), *args[1:])
-            return self.module(*args, **kwargs)
+            out = self.module(*args, **kwargs)
+        if point.rows > 1:
+            unused = [d.hyper_path for d in self._dropouts if d.read_but_unused(point)]
+            if unused:
+                raise BatchPerturbationNeeded(
+                    f"tuned dropout '{unused[0]}'",
+                    f"tuned dropout '{unused[0]}': its rate was read as a float and used outside "
+                    "F.dropout / F.scaled_dot_product_attention",
+                )
+        return out
+
+    def _fall_back_to_batch(self, site: str) -> None:
+        """Perturb the whole model per batch from now on: a site cannot carry per-example rows,
+        and the Θ objective needs every site of one example at the same perturbation."""
+        self._per_batch = site
+        warnings.warn(
+            f"hypertune: {site} cannot tell which example each row of its input belongs to, so "
+            "hyperparameters are perturbed once per batch instead of per example (correct, noisier)",
+            stacklevel=3,
+        )
+
+    @property
+    def perturbed_per_batch(self) -> str | None:
+        """The site that made the model fall back to one perturbation per batch, if any."""
+        return self._per_batch
+
+    def _norm_stats(self) -> list[tuple[Tensor, Tensor]]:
+        """Running statistics a pass may update before it is interrupted and run again."""
+        if not self.training:
+            return []
+        return [
+            (buf, buf.detach().clone())
+            for m in self.module.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase)
+            for buf in m.buffers()
+        ]
 
     def _transform_input(self, x: Tensor, point: Perturbation) -> Tensor:
         """Training-only input regularizers: augmentations in order, then input dropout."""

@@ -82,7 +82,7 @@ def layout(
         raise BatchPerturbationNeeded(
             where,
             f"{where} got an unbatched input of shape {tuple(shape)} but the batch carries {rows} "
-            "per-example perturbations: pass a batch, or perturb per batch",
+            "per-example perturbations: pass a batch, or give the hyperparameters perturb='batch'",
         )
     n = shape[0]
     if n == rows:
@@ -103,5 +103,5 @@ def layout(
     raise BatchPerturbationNeeded(
         where,
         f"{where} got a tensor of shape {tuple(shape)} whose layout {why} for {rows} per-example "
-        "perturbations: keep the batch dimension first, or perturb per batch",
+        "perturbations: keep the batch dimension first, or give the hyperparameters perturb='batch'",
     )

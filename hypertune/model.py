@@ -40,6 +40,28 @@ def _first_tensor(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor | No
     return next((x for x in leaves if torch.is_tensor(x)), None)
 
 
+_SEQUENCE_FIRST_KINDS = (
+    nn.MultiheadAttention,
+    nn.Transformer,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+def _sequence_first_site(module: nn.Module) -> str | None:
+    """The first torch attention module built with batch_first=False, described for a notice.
+
+    Around it the batch is axis 1 of (T, B, E) tensors, while the model's input, whose leading
+    axis sets the perturbation rows, may be (T, B, ...) too: rows would then be time steps.
+    Shapes cannot tell the two apart when T happens to fit, so such models are perturbed per
+    batch from their first perturbed pass.
+    """
+    for path, m in module.named_modules():
+        if isinstance(m, _SEQUENCE_FIRST_KINDS) and getattr(m, "batch_first", None) is False:
+            return f"'{path or '<root>'}' ({type(m).__name__}, batch_first=False)"
+    return None
+
+
 class HyperModel(nn.Module):
     """A model whose regularization hyperparameters are tuned online (Self-Tuning Networks).
 
@@ -71,6 +93,7 @@ class HyperModel(nn.Module):
         self._per_batch: str | None = None  # the site that needed per-batch perturbation
         self._layout_seen = False  # a pass with per-example rows has run through
         self._intercept_rates = False  # a tuned dropout's rate is read as a float (attention)
+        self._sequence_first = _sequence_first_site(module)
         self._penalties = []
         for name, paths in plan.weight_decay.items():
             spec = plan.specs[name]
@@ -169,6 +192,8 @@ class HyperModel(nn.Module):
         if self._unwrapped:
             raise HyperTuneError("this HyperModel was unwrapped; use the module unwrap() returned")
         point = self._override if self._override is not None else self.current_point()
+        if self._per_batch is None and self._sequence_first is not None and point.rows > 1:
+            self._fall_back_to_batch(self._sequence_first)
         if self._per_batch is not None:
             point.share_first_row()
         while True:
@@ -215,8 +240,9 @@ class HyperModel(nn.Module):
         and the Θ objective needs every site of one example at the same perturbation."""
         self._per_batch = site
         warnings.warn(
-            f"hypertune: {site} cannot tell which example each row of its input belongs to, so "
-            "hyperparameters are perturbed once per batch instead of per example (correct, noisier)",
+            f"hypertune: {site} cannot take one perturbation per example, so the hyperparameters "
+            "are perturbed once per batch instead (correct, noisier); keep the batch dimension "
+            "first for per-example perturbation",
             stacklevel=3,
         )
 

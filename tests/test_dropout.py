@@ -323,7 +323,7 @@ def test_unbatched_inputs_take_one_row_only():
         assert model(x).shape == (2,)
     # per-example rows cannot be placed on an unbatched input: the model falls back to one
     # perturbation per batch, with one notice naming the site
-    with pytest.warns(UserWarning, match="HyperConv2d '0'.*once per batch"):
+    with pytest.warns(UserWarning, match="HyperConv2d '0' cannot take one perturbation per example"):
         with torch.no_grad(), model.evaluated_at(_point(model, rows=2)):
             assert model(x).shape == (2,)
     assert model.perturbed_per_batch == "HyperConv2d '0'"

@@ -66,10 +66,13 @@ def kind_of(name: str, spec: object) -> str:
 
 def _as_number(kind: str, label: str, value: object) -> float:
     """Python, numpy and 0-d tensor numbers alike; bools and arrays are refused."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            raise SpecError(f"{kind}: {label} must be a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
+    if isinstance(value, torch.Tensor) or (hasattr(value, "__array__") and hasattr(value, "shape")):
+        size = value.numel() if isinstance(value, torch.Tensor) else value.size  # type: ignore[union-attr]
+        if size != 1:
+            raise SpecError(
+                f"{kind}: {label} must be a number, got an array of shape {tuple(value.shape)}"  # type: ignore[union-attr]
+            )
+        value = value.item()  # type: ignore[union-attr]
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SpecError(f"{kind}: {label} must be a number, got {value!r}")
     return float(value) if not isinstance(value, int) else value  # type: ignore[return-value]

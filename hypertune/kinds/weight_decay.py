@@ -72,7 +72,9 @@ class WeightDecay(HParam):
         into.penalties.append(WeightDecayPenalty(name, layers, plain, self.include_bias))
 
     def where(self, claim: Claim, value_name: str, model: nn.Module) -> dict[str, Any]:
-        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        names: dict[int, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), n)  # a shared weight goes by its first name
         params: list[str] = []
         for site in claim.sites.get(value_name, []):
             m = model.get_submodule(site.path) if site.path else model

@@ -60,10 +60,10 @@ class HyperModel(nn.Module):
         module: nn.Module,
         hparams: HyperParameters,
         plan: surgery.SurgeryPlan,
-        installed: Installation | None = None,
+        installed: Installation,
     ) -> None:
+        """Use :meth:`wrap`; this takes what ``surgery.plan`` and ``surgery.apply`` produced."""
         super().__init__()
-        installed = installed if installed is not None else Installation(module)
         self.module = module
         self.hparams = hparams
         self.training = module.training

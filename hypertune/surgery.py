@@ -230,20 +230,13 @@ def plan(
     view = WrapSites(sites, result.layers, problems)
     ordered = sorted(specs.items(), key=lambda item: lifecycle(item[1]).claim_order())
     claims: dict[str, Claim] = {}
-    defaults = [n for n, s in specs.items() if type(s).__name__ == "DropoutRate" and s.targets is None]  # type: ignore[union-attr]
-    if len(defaults) > 1:
-        problems.append(
-            f"DropoutRate specs {defaults} both claim every dropout module: give all but one explicit targets"
-        )
     for name, spec in ordered:
-        if name in defaults[1:]:
-            continue
         kind = lifecycle(spec)
         claims[name] = kind.claim(name, view)
         result.kinds[name] = kind
     # λ's order (checkpoints store λ by position): dropout rates in claim order, then the rest
     # in the user's order
-    first = [n for n in claims if getattr(specs[n], "kind", None) == "dropout"]
+    first = [n for n in claims if getattr(specs[n], "leads_lambda", False)]
     for name in first + [n for n in specs if n in claims and n not in first]:
         result.claims[name] = claims[name]
         result.specs.update(claims[name].values)

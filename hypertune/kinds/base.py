@@ -88,6 +88,19 @@ class WrapSites:
     problems: list[str] = field(default_factory=list)
     module_owner: dict[int, str] = field(default_factory=dict)
     role_owner: dict[tuple[int, str], str] = field(default_factory=dict)
+    # kind -> the spec that claims every site of that kind no other spec named (one per kind)
+    catch_all: dict[str, str] = field(default_factory=dict)
+
+    def claim_catch_all(self, kind: str, name: str, what: str) -> bool:
+        """Let spec ``name`` be the one that takes every remaining site of its kind."""
+        owner = self.catch_all.get(kind)
+        if owner is not None:
+            self.problems.append(
+                f"{what} specs {[owner, name]} both claim every {kind} module: give all but one explicit targets"
+            )
+            return False
+        self.catch_all[kind] = name
+        return True
 
     def claim_module(self, site: Site, name: str) -> bool:
         """Give ``site``'s module to spec ``name``; refuses a module two specs want."""
@@ -215,6 +228,8 @@ class HParam:
     baked_by_unwrap: ClassVar[bool] = False
     # Whether only the forward can use it (read with hypertune.hparam): checked at the first step.
     read_in_forward: ClassVar[bool] = True
+    # Whether its values come first in λ (in claim order); λ's layout is what checkpoints store.
+    leads_lambda: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         kind = type(self).__name__

@@ -53,10 +53,11 @@ def _weight_bearing(module: nn.Module) -> bool:
     """Holds a matrix or filter of its own (norms' 1-d scales are not counted)."""
     if parametrize.is_parametrized(module, "weight"):
         return True
-    return any(
-        isinstance(p, nn.parameter.UninitializedParameter) or p.dim() >= 2
-        for p in module.parameters(recurse=False)
-    )
+    return any(_is_matrix(p) for p in module.parameters(recurse=False))
+
+
+def _is_matrix(p: nn.Parameter) -> bool:
+    return isinstance(p, nn.parameter.UninitializedParameter) or p.dim() >= 2
 
 
 @dataclass
@@ -139,8 +140,8 @@ def _choose_layers(
                     "or remove it from targets"
                 )
             elif bearing and list(module.children()):
-                own = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
-                untuned[path] = f"holds {', '.join(own)} used directly by its forward"
+                own = [n for n, p in module.named_parameters(recurse=False) if _is_matrix(p)]
+                untuned[path] = f"holds {', '.join(own) or 'weights'} used directly by its forward"
             elif bearing:
                 untuned[path] = f"no layer kind handles {type(module).__name__} (hypertune.register_layer_kind)"
             continue

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypertune as ht
-from hypertune.kinds import Claim, FixedForm, HParam, Installation, WrapSites, kind_class
+from hypertune.kinds import Claim, FixedForm, HParam, Installation, kind_class
 from hypertune.plotting import group_hparams
 from hypertune.schedule import Schedule, ScheduleReplayer
 

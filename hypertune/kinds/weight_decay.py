@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..errors import SpecError
 from ..layers.base import HyperLayer
 from ..penalties import WeightDecayPenalty
-from ..sites import Site, Target, as_targets, selects
+from ..sites import Target, as_targets, selects
 from .base import Claim, FixedForm, FixedFormError, HParam, Installation, WrapSites, register_hparam_kind
 
 

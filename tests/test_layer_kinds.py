@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -492,3 +493,25 @@ def test_tied_embedding_and_linear_in_every_layout(rows, cols, linear_first, bia
     owner, follower = (lin, emb) if linear_first else (emb, lin)
     assert follower.response_bias is None
     assert (owner.response_bias is not None) == (bias and linear_first)
+
+
+def test_a_wrapped_subclass_pickles_into_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    model = nn.Sequential(PlainSubclass(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    hm = HyperModel.wrap(model, {"wd": WeightDecay()})
+    path = tmp_path / "hm.pt"
+    torch.save(hm, path)
+    x = torch.randn(2, 3)
+    hm.eval()
+    expected = hm(x)
+    torch.save({"x": x, "y": expected}, tmp_path / "io.pt")
+    code = (
+        "import sys, torch; sys.path[:0] = [%r, %r]\n"
+        "hm = torch.load(%r, weights_only=False).eval(); io = torch.load(%r)\n"
+        "assert torch.equal(hm(io['x']), io['y'])\n"
+        "assert type(hm.unwrap()[0]).__name__ == 'PlainSubclass'\n"
+        % (str(Path(__file__).parent), str(Path(__file__).parents[1]), str(path), str(tmp_path / "io.pt"))
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).parent))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -52,7 +52,6 @@ class HyperModel(nn.Module):
         self.hparams = hparams
         self.training = module.training
         self.centered = True
-        self._override: Perturbation | None = None
         self._unwrapped = False
         self._input_dropout = plan.input_dropout
         self._augmentations = list(plan.augmentations)
@@ -148,17 +147,25 @@ class HyperModel(nn.Module):
 
     @contextmanager
     def evaluated_at(self, point: Perturbation) -> Iterator[Perturbation]:
-        """Make the next forward passes run at ``point`` instead of λ₀ (used by the optimizer)."""
-        previous, self._override = self._override, point
-        try:
+        """Make the next forward passes in this thread (or task) run at ``point`` instead of λ₀."""
+        with context.pinned(self, point):
             yield point
-        finally:
-            self._override = previous
+
+    def exclusive(self) -> AbstractContextManager[bool]:
+        """The lock an optimizer step holds and every forward takes: hold it in another thread to
+        read or change the model (mode, weights, state) between steps, never in the middle of one."""
+        return context.lock_for(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._unwrapped:
             raise HyperTuneError("this HyperModel was unwrapped; use the module unwrap() returned")
-        point = self._override if self._override is not None else self.current_point()
+        if torch.compiler.is_compiling():  # a compiled graph cannot hold a lock
+            return self._forward_at_point(args, kwargs)
+        with self.exclusive():
+            return self._forward_at_point(args, kwargs)
+
+    def _forward_at_point(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        point = context.pinned_point(self) or self.current_point()
         with context.active(point):
             if self.training and args and torch.is_tensor(args[0]) and args[0].is_floating_point():
                 args = (self._transform_input(args[0], point), *args[1:])

@@ -117,6 +117,15 @@ class HyperModel(nn.Module):
         root = surgery.apply(model, plan, len(space))
         return cls(root, space, plan)
 
+    def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> HyperModel:
+        """Materialize a model wrapped on the meta device; λ, σ and Θ get their initial values
+        (``to_empty`` alone leaves uninitialised memory). w₀ is yours to load or initialize."""
+        super().to_empty(device=device, recurse=recurse)
+        self.hparams.reset_parameters()
+        for layer in self.hyper_layers().values():
+            layer.reset_response_parameters()
+        return self
+
     # ---- parameters by role ------------------------------------------------------------------
     def hyper_layers(self) -> dict[str, HyperLayer]:
         return {p: self.module.get_submodule(p) if p else self.module for p in self._layer_paths}  # type: ignore[misc]

@@ -187,7 +187,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             groups: list[dict[str, Any]] = [{"params": [hm.hparams.unconstrained]}]
             if tune_scales:
                 groups.append({"params": [hm.hparams.raw_scale]})
-            hyper_optimizer = torch.optim.RMSprop(groups, lr=hyper_lr)
+            hyper_optimizer = torch.optim.RMSprop(groups, lr=hyper_lr, eps=_rmsprop_eps(hm.hparams.unconstrained.dtype))
         assert isinstance(response_optimizer, torch.optim.Optimizer)
         _take_over(optimizer, response + hyper)  # the only write to the user's objects
 
@@ -542,6 +542,14 @@ def _arguments_error(problems: list[str]) -> HyperTuneError:
     return HyperTuneError(
         f"DeltaSTNOptimizer found {len(problems)} problem(s); your optimizer was not changed:\n{lines}"
     )
+
+
+def _rmsprop_eps(dtype: torch.dtype) -> float:
+    """RMSprop's ε for the hyper-state's dtype. torch's 1e-8 rounds to 0 in float16, and a
+    hypergradient below 2e-3 squares to 0 there, so the first λ step divided 0 by 0 and wrote
+    NaN into λ and inf into σ; float16's machine epsilon (1e-3) keeps the step finite and small.
+    Every other dtype keeps torch's default."""
+    return float(torch.finfo(torch.float16).eps) if dtype == torch.float16 else 1e-8
 
 
 def _reference_lr(group: Mapping[str, Any]) -> float:

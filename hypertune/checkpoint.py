@@ -368,32 +368,34 @@ def load(
         raise StateDictError(f"could not read checkpoint {path!r}: {err}") from err
     _check(ck, path, hm, optimizer, schedulers)
 
-    # Apply, undoing everything if any part fails after the checks.
-    scaler = getattr(optimizer, "grad_scaler", None) if optimizer is not None else None
-    backup_model = {k: v.detach().clone() for k, v in hm.state_dict().items()}
-    backup_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
-    backup_sched = [copy.deepcopy(s.state_dict()) for s in schedulers]
-    backup_scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
-    try:
-        hm.load_state_dict(ck["model"], strict=True)
-        if optimizer is not None:
-            optimizer.load_state_dict(ck["optimizer"])
-            if scaler is not None and ck.get("grad_scaler"):
-                scaler.load_state_dict(ck["grad_scaler"])
-        for s, state in zip(schedulers, ck["schedulers"]):
-            s.load_state_dict(state)
-    except Exception as err:
-        hm.load_state_dict(backup_model, strict=True)
-        if optimizer is not None and backup_opt is not None:
-            optimizer.load_state_dict(backup_opt)
-        if scaler is not None and backup_scaler is not None:
-            scaler.load_state_dict(backup_scaler)
-        for s, state in zip(schedulers, backup_sched):
-            s.load_state_dict(state)
-        raise StateDictError(
-            f"checkpoint {path!r} could not be applied ({type(err).__name__}: {err}); the model, "
-            "optimizer and schedulers were put back as they were"
-        ) from err
+    # Apply under the model's lock (no step runs half-way through it), undoing everything if any
+    # part fails after the checks.
+    with hm.exclusive():
+        scaler = getattr(optimizer, "grad_scaler", None) if optimizer is not None else None
+        backup_model = {k: v.detach().clone() for k, v in hm.state_dict().items()}
+        backup_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+        backup_sched = [copy.deepcopy(s.state_dict()) for s in schedulers]
+        backup_scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
+        try:
+            hm.load_state_dict(ck["model"], strict=True)
+            if optimizer is not None:
+                optimizer.load_state_dict(ck["optimizer"])
+                if scaler is not None and ck.get("grad_scaler"):
+                    scaler.load_state_dict(ck["grad_scaler"])
+            for s, state in zip(schedulers, ck["schedulers"]):
+                s.load_state_dict(state)
+        except Exception as err:
+            hm.load_state_dict(backup_model, strict=True)
+            if optimizer is not None and backup_opt is not None:
+                optimizer.load_state_dict(backup_opt)
+            if scaler is not None and backup_scaler is not None:
+                scaler.load_state_dict(backup_scaler)
+            for s, state in zip(schedulers, backup_sched):
+                s.load_state_dict(state)
+            raise StateDictError(
+                f"checkpoint {path!r} could not be applied ({type(err).__name__}: {err}); the model, "
+                "optimizer and schedulers were put back as they were"
+            ) from err
     if restore_rng:
         rank, world = _distributed()
         states = ck.get("rng") or []

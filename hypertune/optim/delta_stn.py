@@ -13,8 +13,6 @@ transaction; the modes' step functions are in :mod:`.steps`, the transaction in
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,7 +20,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .. import context
 from .. import distributed as _distributed
 from ..errors import HyperTuneError, NonFiniteLossError, StateDictError
 from ..history import History, Record
@@ -310,11 +307,11 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         response = None
         if self.mode != "stn" and self.train_steps % self.response_every == 0:
             response = batch.first(max(1, round(batch.rows * self.response_fraction)))
-        self._follow_lr()
-        self.zero_grad()
         with hm.exclusive(), model_mode(self.model, True):
+            self._follow_lr()
+            self.zero_grad()
             tx = self._transaction("train")
-            with self._guard(tx, "train_step"):
+            with _Rollback(tx, "train_step"):
                 loss, response_loss = TRAIN_STEPS[self.mode](
                     self._ctx, tx, batch, loss_fn, census=self.train_steps == 0, response=response
                 )
@@ -323,7 +320,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
                 self.train_steps += 1
             # LR schedulers attached to this object warn unless they see its step was called.
             self._opt_called = True
-            return self._record("train", tx, loss, taken, response_loss)
+            return self._record("train", loss, taken, response_loss)
 
     def val_step(self, inputs: Any, target: Any, loss_fn: LossFn) -> StepResult:
         """One λ (and σ) step on a validation batch, regularizers off (eval mode).
@@ -333,20 +330,20 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         self._check_can_step("val_step")
         hm = self.hyper_model
         batch = Batch.of(hm, inputs, target)
-        self.zero_grad()
         with hm.exclusive(), model_mode(self.model, False):
+            self.zero_grad()
             if self.train_steps < self.warmup_steps:
                 with torch.no_grad(), self._ctx.autocast_region():
                     out = self._ctx.local_model(*batch.args, **batch.kwargs)
                     loss = loss_fn(out, batch.target)
                 return StepResult(loss=float(loss), hparams=hm.hparam_values(), updated=False)
             tx = self._transaction("val")
-            with self._guard(tx, "val_step"):
+            with _Rollback(tx, "val_step"):
                 loss = hyper_part(self._ctx, tx, batch, loss_fn, self.tune_scales, self.entropy_weight)
                 taken = self._finish(tx, "val_step")
             if taken:
                 self.val_steps += 1
-            return self._record("val", tx, loss, taken)
+            return self._record("val", loss, taken)
 
     def _check_can_step(self, what: str) -> None:
         if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
@@ -376,9 +373,6 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             average=average,
         ).begin()
 
-    def _guard(self, tx: StepTransaction, what: str) -> Any:
-        return _Rollback(tx, what)
-
     def _finish(self, tx: StepTransaction, what: str) -> bool:
         """Check every part, then write all of them; False if the step is skipped."""
         problems, overflow_only = tx.verdict()
@@ -394,7 +388,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             return False
         raise refusal(problems, what)
 
-    def _record(self, kind: Literal["train", "val"], tx: StepTransaction, loss: Tensor, taken: bool, response_loss: Tensor | None = None) -> StepResult:
+    def _record(self, kind: Literal["train", "val"], loss: Tensor, taken: bool, response_loss: Tensor | None = None) -> StepResult:
         hp = self.hyper_model.hparams
         values, scales = hp.values_and_scales()
         losses = torch.stack([loss.float(), (loss if response_loss is None else response_loss).float()]).tolist()

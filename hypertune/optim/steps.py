@@ -13,7 +13,7 @@ refused step needs no copy of the weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..context import Perturbation
 from ..errors import HyperTuneError
 from ..linearize import linearized_call
 from ..model import HyperModel
-from .transaction import StepTransaction
+from .transaction import StepTransaction, autocast_disabled
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -74,20 +74,6 @@ def mode(module: nn.Module, training: bool) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
-
-
-@contextmanager
-def autocast_disabled() -> Iterator[None]:
-    """Leave any autocast region the caller opened: backward passes must not run under autocast."""
-    with ExitStack() as stack:
-        for device_type in ("cpu", "cuda"):
-            try:
-                enabled = torch.is_autocast_enabled(device_type)
-            except TypeError:  # torch < 2.4 has no per-device query
-                enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-            if enabled:
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        yield
 
 
 @contextmanager

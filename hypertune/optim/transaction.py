@@ -24,7 +24,8 @@ states are taken only where they are cheap or the risk is new:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,20 @@ class Part:
     snapshot: bool = False
     loss_ok: Tensor | None = None
     grad_ok: Tensor | None = None
+
+
+@contextmanager
+def autocast_disabled() -> Iterator[None]:
+    """Leave any autocast region the caller opened: backward passes must not run under autocast."""
+    with ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            try:
+                enabled = torch.is_autocast_enabled(device_type)
+            except TypeError:  # torch < 2.4 has no per-device query
+                enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+            if enabled:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 def _finite_sum(tensors: Sequence[Tensor], like: Tensor) -> Tensor:
@@ -174,8 +189,6 @@ class StepTransaction:
         snapshot: bool = False,
     ) -> Part:
         """Backpropagate one part's objective; its gradients land in ``params``' ``.grad``."""
-        from .steps import autocast_disabled  # the same helper the step functions use
-
         with autocast_disabled():
             (objective if self._scaler is None else self._scaler.scale(objective)).backward()
         part = Part(what, data_loss.detach(), objective.detach(), list(params), list(optimizers), snapshot)

@@ -244,10 +244,11 @@ class StepTransaction:
                 if part.snapshot or self._full:
                     saved.params += [(p, p.detach().clone()) for p in part.params]
                     for opt in part.optimizers:
+                        owned = {id(q) for g in opt.param_groups for q in g["params"]}
                         for p in part.params:
                             if p in opt.state:
                                 saved.optimizer_states.append((opt, p, _clone_state(opt.state[p])))
-                            elif any(p is q for g in opt.param_groups for q in g["params"]):
+                            elif id(p) in owned:
                                 saved.optimizer_states.append((opt, p, None))
         self.writing = True
         stepped: set[int] = set()

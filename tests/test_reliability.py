@@ -170,6 +170,10 @@ STEP_CASES: dict[str, tuple[Callable, type[BaseException], str, tuple[str, ...]]
     "label_out_of_range": (_train(batch=(_batch(7)[0], torch.full((16,), 7))), IndexError, "out of bounds", ("delta", "stn")),
     "non_scalar_loss": (_train(lambda o, y: F.cross_entropy(o, y, reduction="none")), ht.HyperTuneError, "scalar", ("delta", "centered", "stn")),
     "loss_raises_in_theta_part": (_train_counting(_raise_on_call, 1), RuntimeError, "user loss broke", ("delta", "centered")),
+    "detached_loss": (_train(lambda o, y: F.cross_entropy(o.detach(), y)), ht.HyperTuneError, "does not depend", ("delta", "stn")),
+    "loss_not_a_tensor": (_train(lambda o, y: float(F.cross_entropy(o, y))), ht.HyperTuneError, "scalar tensor", ("delta",)),
+    "empty_batch": (_train(batch=(torch.randn(0, 6), torch.zeros(0, dtype=torch.long))), ht.HyperTuneError, "empty", ("delta",)),
+    "one_row_through_batchnorm": (_train(batch=_batch(7, n=1)), ValueError, "per channel", ("delta",)),
     "under_no_grad": (_under(torch.no_grad, _train()), ht.HyperTuneError, "torch.no_grad()", ("delta",)),
     "under_inference_mode": (_under(torch.inference_mode, _train()), ht.HyperTuneError, "inference_mode", ("delta",)),
     "no_batched_tensor": (lambda m, o: o.train_step(3.0, _batch(7)[1], F.cross_entropy), ht.HyperTuneError, "batched input", ("delta",)),
@@ -416,6 +420,20 @@ def test_checkpoint_save_to_a_missing_folder_names_that_folder(tmp_path):
         ht.checkpoint.save(target, model=model, optimizer=opt)
     assert err.value.filename == str(target) and "does not exist" in str(err.value)
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_truncated_checkpoint_is_refused_before_anything_changes(tmp_path):
+    model, opt = _setup()
+    _warm(opt)
+    path = tmp_path / "run.pt"
+    ht.checkpoint.save(path, model=model, optimizer=opt)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _warm(opt, 1)
+    before = _everything(model, opt)
+    with pytest.raises(ht.StateDictError, match="could not read checkpoint"):
+        ht.checkpoint.load(path, model=model, optimizer=opt)
+    _assert_identical(before, _everything(model, opt))
 
 
 # ---- the other classes of issue 14 -----------------------------------------------------------------

@@ -132,7 +132,10 @@ class Batch:
             args, kwargs = inputs, {}
         else:
             args, kwargs = (inputs,), {}
-        return cls(args, kwargs, target, hm.batch_rows(args, kwargs))
+        rows = hm.batch_rows(args, kwargs)
+        if rows == 0:
+            raise HyperTuneError("the batch is empty (0 rows): skip empty batches before the step")
+        return cls(args, kwargs, target, rows)
 
     def first(self, n: int) -> Batch:
         """The first ``n`` examples of every batched tensor (others unchanged)."""
@@ -186,6 +189,16 @@ def objective(ctx: StepContext, out: Any, target: Any, loss_fn: LossFn, point: P
     return data_loss, total
 
 
+def _require_graph(data_loss: Tensor, params: Sequence[nn.Parameter]) -> None:
+    """A detached loss would train w₀ on the penalties alone, silently."""
+    if not data_loss.requires_grad and any(p.requires_grad for p in params):
+        raise HyperTuneError(
+            "loss_fn's result does not depend on the model's output (it was detached, or built "
+            "from .item() or numpy), so the weights would get no gradient from the data: compute "
+            "the loss from the output with torch operations"
+        )
+
+
 def perturbed_point(hm: HyperModel, rows: int, linearize: bool) -> Perturbation:
     hp = hm.hparams
     with torch.no_grad():
@@ -206,6 +219,7 @@ def base_part(ctx: StepContext, tx: StepTransaction, batch: Batch, loss_fn: Loss
             data_loss, total = objective(ctx, out, batch.target, loss_fn, point)
         if census and (error := uncalled_error(hm, called)) is not None:
             raise error
+        _require_graph(data_loss, ctx.base_params)
         tx.backward("w₀ step", data_loss, total, ctx.base_params, [ctx.optimizer])
     return data_loss.detach()
 
@@ -256,6 +270,7 @@ def stn_part(ctx: StepContext, tx: StepTransaction, batch: Batch, loss_fn: LossF
             data_loss, total = objective(ctx, out, batch.target, loss_fn, point)
         if census and (error := uncalled_error(hm, called)) is not None:
             raise error
+        _require_graph(data_loss, ctx.base_params)
         tx.backward(
             "STN step",
             data_loss,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .. import distributed as _distributed
 from ..model import HyperModel
 
 Mode = Literal["delta", "centered", "stn"]
@@ -145,3 +147,42 @@ def take_over_problems(
             )
             break
     return problems
+
+
+BYPASSING_DDP = (
+    "this HyperModel is used through DistributedDataParallel (it was prepared for DDP "
+    "and this is one of several ranks) but DeltaSTNOptimizer was given the inner "
+    "HyperModel, so w₀, Θ, λ and σ would drift apart across ranks: build the optimizer "
+    "after DDP, from the DDP module: ddp = hypertune.distributed.prepare_ddp(hyper_model, "
+    "...); opt = DeltaSTNOptimizer(ddp, ...)"
+)
+
+
+@dataclass
+class Placement:
+    """Where the steps run: through DDP (w₀ steps) and on this rank's module (Θ, λ steps)."""
+
+    local_model: nn.Module
+    ddp: nn.parallel.DistributedDataParallel | None = None
+    compiled: bool = False
+    problems: list[str] = field(default_factory=list)
+
+
+def placement(model: nn.Module, hm: HyperModel, mode: Any) -> Placement:
+    """Find DDP and torch.compile around the HyperModel, and what they rule out."""
+    ddp = _distributed.find_ddp(model)
+    problems = []
+    if ddp is not None:
+        _distributed.check_ddp(ddp)
+    elif _distributed.prepared_for_ddp(hm):
+        problems.append(BYPASSING_DDP)
+    local_model: nn.Module = ddp.module if ddp is not None else model
+    compiled = any(type(m).__name__ == "OptimizedModule" for m in (model, local_model)) or (
+        getattr(hm, "_compiled_call_impl", None) is not None
+    )
+    if compiled and mode == "delta" and getattr(torch.compiler, "set_stance", None) is None:
+        problems.append(
+            "a compiled model in mode='delta' needs torch >= 2.6 (torch.compiler.set_stance) to "
+            "run its linearized Θ step eagerly: upgrade torch, or use mode='centered'"
+        )
+    return Placement(local_model, ddp, compiled, problems)

@@ -26,12 +26,11 @@ from ..history import History, Record
 from ..linearize import needs_op_rewrites
 from ..model import HyperModel
 from . import state as saved_state
-from .arguments import Mode, NonFinite, argument_problems, take_over_problems
+from .arguments import BYPASSING_DDP, Mode, NonFinite, argument_problems, placement, take_over_problems
+from .inner import DEFAULT_RESPONSE_LR, hyper_optimizer_for, reference_lr, response_optimizer_for, take_over
 from .steps import TRAIN_STEPS, Batch, LossFn, StepContext, hyper_part, mode as model_mode
 from .transaction import UNCHANGED, BufferTracker, StepTransaction, refusal
 
-#: Θ's default learning rate in the centered modes (Adam; benchmarks/RESULTS.md, compare.py).
-DEFAULT_RESPONSE_LR = 1e-3
 _FORMAT = saved_state.FORMAT
 _VERSION = saved_state.VERSION
 
@@ -46,15 +45,6 @@ class StepResult:
     skipped: bool = False
     updated: bool = True
     extra: dict[str, float] = field(default_factory=dict)
-
-
-def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """Adam with its fused kernel where there is one: Θ is as large as w₀, and on CPU the
-    per-tensor loop costs 8× the fused step (benchmarks/response_optimizer_step.py)."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or torch
-        return torch.optim.Adam(params, lr=lr)
 
 
 def _resolve(model: nn.Module) -> HyperModel:
@@ -122,7 +112,6 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
     drop forward-AD tangents).
     """
 
-
     def __init__(
         self,
         model: nn.Module,
@@ -152,41 +141,19 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             grad_scaler=grad_scaler,
         )
         hm = _resolve(model)
-        ddp = _distributed.find_ddp(model)
-        if ddp is not None:
-            _distributed.check_ddp(ddp)
-        elif _distributed.prepared_for_ddp(hm):
-            problems.append(_BYPASSING_DDP)
-        local_model: nn.Module = ddp.module if ddp is not None else model
-        compiled = any(type(m).__name__ == "OptimizedModule" for m in (model, local_model)) or (
-            getattr(hm, "_compiled_call_impl", None) is not None
-        )
-        if compiled and mode == "delta" and getattr(torch.compiler, "set_stance", None) is None:
-            problems.append(
-                "a compiled model in mode='delta' needs torch >= 2.6 (torch.compiler.set_stance) to "
-                "run its linearized Θ step eagerly: upgrade torch, or use mode='centered'"
-            )
+        where = placement(model, hm, mode)
+        problems += where.problems
         base, response, hyper = hm.base_parameters(), hm.response_parameters(), hm.hyper_parameters()
         if isinstance(optimizer, torch.optim.Optimizer):
             problems += take_over_problems(hm, optimizer, base, response, hyper, response_optimizer, hyper_optimizer)
         if problems:
             raise _arguments_error(problems)
-        if response_optimizer is None:
-            response_optimizer = "clone" if mode == "stn" else "adam"
         # Θ's learning rate follows the user's schedule only when hypertune built its optimizer;
         # a user-supplied one keeps whatever schedule the user attaches to it.
-        follows_lr = isinstance(response_optimizer, str)
-        if response_optimizer == "clone":
-            response_optimizer = _clone_for_response(optimizer, response)
-        elif response_optimizer == "adam":
-            response_optimizer = _adam(response, DEFAULT_RESPONSE_LR if response_lr is None else float(response_lr))
-        if hyper_optimizer is None:
-            groups: list[dict[str, Any]] = [{"params": [hm.hparams.unconstrained]}]
-            if tune_scales:
-                groups.append({"params": [hm.hparams.raw_scale]})
-            hyper_optimizer = torch.optim.RMSprop(groups, lr=hyper_lr, eps=_rmsprop_eps(hm.hparams.unconstrained.dtype))
-        assert isinstance(response_optimizer, torch.optim.Optimizer)
-        _take_over(optimizer, response + hyper)  # the only write to the user's objects
+        follows_lr = not isinstance(response_optimizer, torch.optim.Optimizer)
+        response_optimizer = response_optimizer_for(response_optimizer, mode, optimizer, response, response_lr)
+        hyper_optimizer = hyper_optimizer_for(hm, hyper_optimizer, hyper_lr, tune_scales)
+        take_over(optimizer, response + hyper)  # the only write to the user's objects
 
         self.model = model
         self.hyper_model = hm
@@ -199,16 +166,16 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         self.response_fraction = float(response_fraction)
         self.autocast = autocast
         self.grad_scaler = grad_scaler
-        self._ddp = ddp
-        self._compiled = compiled
+        self._ddp = where.ddp
+        self._compiled = where.compiled
         self._follows_lr = follows_lr
         self._ctx = StepContext(
-            model=model, local_model=local_model, hyper_model=hm, base_params=base,
+            model=model, local_model=where.local_model, hyper_model=hm, base_params=base,
             response_params=response, hyper_params=hyper, optimizer=optimizer,
             response_optimizer=response_optimizer, hyper_optimizer=hyper_optimizer,
             autocast=autocast, rewrite_ops=mode == "delta" and needs_op_rewrites(hm),
         )
-        self._lr_reference = (_reference_lr(optimizer.param_groups[0]), [float(g["lr"]) for g in response_optimizer.param_groups])
+        self._lr_reference = (reference_lr(optimizer.param_groups[0]), [float(g["lr"]) for g in response_optimizer.param_groups])
         self._buffers = BufferTracker(hm)
         self._proven: set[str] = set()  # step kinds that have committed once (see transaction.py)
         hm.centered = mode != "stn"
@@ -217,9 +184,9 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.history = History()
         self._averaged: set[int] = set()
-        if ddp is not None:
+        if where.ddp is not None:
             # Every rank starts from rank 0's Θ, λ, σ (DDP's constructor broadcast w₀ already).
-            _distributed.broadcast_hyperstate(hm, ddp.process_group)
+            _distributed.broadcast_hyperstate(hm, where.ddp.process_group)
             self._averaged = {id(p) for p in (*response, *hyper)}
 
     # ---- the inner optimizers (reassignable: the Lightning integration wraps the first) ------
@@ -353,7 +320,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
                 f"inside it); {UNCHANGED}"
             )
         if self._ddp is None and _distributed.prepared_for_ddp(self.hyper_model):
-            raise HyperTuneError(_BYPASSING_DDP)
+            raise HyperTuneError(BYPASSING_DDP)
 
     def _transaction(self, kind: str) -> StepTransaction:
         scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
@@ -520,15 +487,6 @@ class _Rollback:
             )
 
 
-_BYPASSING_DDP = (
-    "this HyperModel is used through DistributedDataParallel (it was prepared for DDP "
-    "and this is one of several ranks) but DeltaSTNOptimizer was given the inner "
-    "HyperModel, so w₀, Θ, λ and σ would drift apart across ranks: build the optimizer "
-    "after DDP, from the DDP module: ddp = hypertune.distributed.prepare_ddp(hyper_model, "
-    "...); opt = DeltaSTNOptimizer(ddp, ...)"
-)
-
-
 def _arguments_error(problems: list[str]) -> HyperTuneError:
     if len(problems) == 1:
         return HyperTuneError(f"{problems[0]}; your optimizer was not changed")
@@ -538,39 +496,3 @@ def _arguments_error(problems: list[str]) -> HyperTuneError:
     )
 
 
-def _rmsprop_eps(dtype: torch.dtype) -> float:
-    """RMSprop's ε for the hyper-state's dtype. torch's 1e-8 rounds to 0 in float16, and a
-    hypergradient below 2e-3 squares to 0 there, so the first λ step divided 0 by 0 and wrote
-    NaN into λ and inf into σ; float16's machine epsilon (1e-3) keeps the step finite and small.
-    Every other dtype keeps torch's default."""
-    return float(torch.finfo(torch.float16).eps) if dtype == torch.float16 else 1e-8
-
-
-def _reference_lr(group: Mapping[str, Any]) -> float:
-    """The learning rate Θ's follows relative to: a scheduler's ``initial_lr`` when one was
-    attached before (a warm-up that starts at lr 0 leaves ``lr`` 0 at build time), else ``lr``."""
-    return float(group.get("initial_lr", group["lr"]))
-
-
-def _take_over(optimizer: torch.optim.Optimizer, special: list[nn.Parameter]) -> None:
-    """Move Θ/λ/σ out of the user's optimizer (checked by take_over_problems first)."""
-    ids = {id(p) for p in special}
-    for group in optimizer.param_groups:
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
-    for p in special:
-        optimizer.state.pop(p, None)
-
-
-def _clone_for_response(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    settings = dict(optimizer.defaults)
-    settings["lr"] = optimizer.param_groups[0]["lr"]
-    if "weight_decay" in settings:
-        settings["weight_decay"] = 0.0
-    try:
-        return type(optimizer)(params, **settings)
-    except (TypeError, ValueError) as err:
-        raise HyperTuneError(
-            f"could not build a {type(optimizer).__name__} for the response parameters ({err}); "
-            "pass response_optimizer=... built over model.response_parameters(); your optimizer "
-            "was not changed"
-        ) from err

@@ -74,7 +74,15 @@ def _finite_sum(tensors: Sequence[Tensor], like: Tensor) -> Tensor:
     fraction of a norm's cost."""
     if not tensors:
         return torch.ones((), dtype=torch.bool, device=like.device)
-    return torch.isfinite(torch.stack([t.detach().sum().float() for t in tensors]).sum())
+    return torch.isfinite(torch.stack([_sum(t) for t in tensors]).sum())
+
+
+def _sum(t: Tensor) -> Tensor:
+    """A float32 (or wider) sum: a half-precision one overflows on large but finite tensors."""
+    t = t.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.sum(dtype=torch.float32)
+    return t.sum().float()
 
 
 def _state_tensors(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> list[Tensor]:

@@ -244,7 +244,7 @@ def _train_and_evaluate(steps: int) -> None:
         stop.set()
         t.join()
     assert not errors, errors
-    assert calls >= min(steps, 50)
+    assert calls >= 10  # the evaluating thread got turns between steps
     for k, v in alone_model.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
     check, _ = _tiny()

@@ -639,3 +639,17 @@ def test_unlocked_forwards_in_another_thread_never_fail():
         t.join()
     assert not errors, errors
     assert outs and all(o.shape == (16, 3) and torch.isfinite(o).all() for o in outs)
+
+
+def test_a_model_moved_after_the_optimizer_was_built_is_put_back_whole():
+    # Module.to() replaces buffer tensors (the step must restore the live ones), and Adam's state
+    # for Θ stays float32, so its step raises after SGD has written w₀: the first step after a
+    # move is snapshotted in full, so that is undone too.
+    model, opt = _setup()
+    _warm(opt)
+    model.to(torch.float64)
+    x, y = _batch(7)
+    before = _everything(model, opt)
+    with pytest.raises(RuntimeError):
+        opt.train_step(x.double(), y, F.cross_entropy)
+    _assert_identical(before, _everything(model, opt))

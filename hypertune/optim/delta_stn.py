@@ -177,7 +177,9 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         )
         self._lr_reference = (reference_lr(optimizer.param_groups[0]), [float(g["lr"]) for g in response_optimizer.param_groups])
         self._buffers = BufferTracker(hm)
-        self._proven: set[str] = set()  # step kinds that have committed once (see transaction.py)
+        # Step kinds that have committed once, with the placement they did it at (see
+        # transaction.py: a first step, or the first after model.to(...), is fully snapshotted).
+        self._proven: dict[str, tuple[Any, ...]] = {}
         hm.centered = mode != "stn"
         self.train_steps = 0
         self.val_steps = 0
@@ -334,11 +336,17 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
 
         return StepTransaction(
             buffers=self._buffers,
-            full=kind not in self._proven,
+            full=self._proven.get(kind) != self._placement(),
             device=self.hyper_model.hparams.unconstrained.device,
             scaler=scaler,
             average=average,
         ).begin()
+
+    def _placement(self) -> tuple[Any, ...]:
+        """Dtypes and devices of the parameters (a model moved after the optimizer was built can
+        make an inner optimizer raise inside ``step``)."""
+        ctx = self._ctx
+        return tuple((p.dtype, p.device) for p in (*ctx.base_params[:1], *ctx.response_params[:1], *ctx.hyper_params[:1]))
 
     def _finish(self, tx: StepTransaction, what: str) -> bool:
         """Check every part, then write all of them; False if the step is skipped."""
@@ -346,7 +354,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         if not problems:
             problems = tx.commit()
         if not problems:
-            self._proven.add("train" if what == "train_step" else "val")
+            self._proven["train" if what == "train_step" else "val"] = self._placement()
             return True
         tx.rollback()
         if self.nonfinite == "skip" or overflow_only:

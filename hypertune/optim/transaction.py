@@ -100,25 +100,42 @@ class BufferTracker:
     """The buffers a train-mode forward writes, learnt from their version counters.
 
     BatchNorm's running statistics are known writers; any other buffer seen changing during a
-    step (a spectral norm's power-iteration vector, a user's running average) joins them.
+    step (a spectral norm's power-iteration vector, a user's running average) joins them. They are
+    kept as (module, name), not tensors: ``model.to(...)`` replaces buffer tensors.
     """
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.known: dict[int, Tensor] = {}
+        self.known: dict[tuple[int, str], tuple[nn.Module, str]] = {}
         for m in module.modules():
             if isinstance(m, nn.modules.batchnorm._NormBase):
-                for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
-                    if buf is not None:
-                        self.known[id(buf)] = buf
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    self.known[(id(m), name)] = (m, name)
 
-    def all_buffers(self) -> list[Tensor]:
-        return list({id(b): b for b in self.module.buffers()}.values())
+    def _live(self, slots: list[tuple[nn.Module, str]]) -> list[tuple[nn.Module, str, Tensor]]:
+        out = []
+        for m, name in slots:
+            buf = getattr(m, name, None)
+            if torch.is_tensor(buf):
+                out.append((m, name, buf))
+        return out
 
-    def learn(self, versions: dict[int, tuple[Tensor, int]]) -> None:
-        for key, (buf, version) in versions.items():
+    def buffers(self, every: bool) -> list[tuple[nn.Module, str, Tensor]]:
+        """The known writers' live tensors, or every buffer of the model (deduplicated)."""
+        if not every:
+            return self._live(list(self.known.values()))
+        slots, seen = [], set()
+        for m in self.module.modules():
+            for name, buf in m.named_buffers(recurse=False):
+                if buf is not None and id(buf) not in seen:
+                    seen.add(id(buf))
+                    slots.append((m, name))
+        return self._live(slots)
+
+    def learn(self, versions: list[tuple[nn.Module, str, Tensor, int]]) -> None:
+        for m, name, buf, version in versions:
             if buf._version != version:
-                self.known[key] = buf
+                self.known[(id(m), name)] = (m, name)
 
 
 @dataclass
@@ -127,7 +144,7 @@ class _Saved:
 
     rng: list[tuple[Callable[[Tensor], None], Tensor]] = field(default_factory=list)
     buffers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    versions: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
+    versions: list[tuple[nn.Module, str, Tensor, int]] = field(default_factory=list)
     params: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
     optimizer_states: list[tuple[torch.optim.Optimizer, nn.Parameter, dict[str, Any] | None]] = field(
         default_factory=list
@@ -178,11 +195,11 @@ class StepTransaction:
             saved.rng.append(
                 (lambda s, i=index: torch.cuda.set_rng_state(s, i), torch.cuda.get_rng_state(index))
             )
-        buffers = self._tracker.all_buffers() if self._full else list(self._tracker.known.values())
+        buffers = self._tracker.buffers(every=self._full)
         with torch.no_grad():
-            saved.buffers = [(b, b.detach().clone()) for b in buffers]
+            saved.buffers = [(b, b.detach().clone()) for _, _, b in buffers]
         if self._full:
-            saved.versions = {id(b): (b, b._version) for b in buffers}
+            saved.versions = [(m, name, b, b._version) for m, name, b in buffers]
         return self
 
     # ---- parts ---------------------------------------------------------------------------------

@@ -612,8 +612,9 @@ def test_training_and_evaluating_threads_do_not_interfere(mode):
 
 
 def test_unlocked_forwards_in_another_thread_never_fail():
-    """Without the lock a concurrent forward may see the weights mid-update, but it waits for
-    a step to finish and never sees the step's perturbation or its dual level."""
+    """A forward from another thread that does not hold ``exclusive()`` still waits for a running
+    step (every forward takes the model's lock) and never sees the step's perturbation or its
+    forward-AD level (it used to fail with "no dual level exists")."""
     model, opt = _setup("delta")
     model.eval()
     errors: list[BaseException] = []

@@ -26,6 +26,7 @@ writes the file; ``load`` reads it on every rank and each rank takes its own RNG
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -115,6 +116,14 @@ def _optimizer_layout(state: Mapping[str, Any]) -> list[int]:
 def _atomic_save(obj: Any, path: str) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        # mkstemp would fail naming its temporary file, not the path the caller asked for.
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"cannot save the checkpoint: the folder {directory!r} does not exist (create it first, "
+            "e.g. os.makedirs(folder, exist_ok=True))",
+            path,
+        )
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -175,24 +184,38 @@ def save(
         rng_all = [rng]
     if rank == 0:
         scaler = getattr(optimizer, "grad_scaler", None)
-        payload = {
-            "format": FORMAT,
-            "version": VERSION,
-            "torch_version": str(torch.__version__),
-            "fingerprint": fp,
-            "digest": _digest(fp),
-            "model": hm.state_dict(),
-            "optimizer": None if optimizer is None else optimizer.state_dict(),
-            "optimizer_class": None if optimizer is None else type(optimizer).__name__,
-            "grad_scaler": None if scaler is None else scaler.state_dict(),
-            "schedulers": [s.state_dict() for s in schedulers],
-            "scheduler_classes": [type(s).__name__ for s in schedulers],
-            "rng": rng_all,
-            "extra": dict(extra or {}),
-        }
-        _atomic_save(payload, os.fspath(path))
+        # Written under the model's lock: never a state half-way through a step that another
+        # thread is running (the payload holds the live tensors, not copies).
+        with hm.exclusive():
+            _atomic_save(_payload(hm, fp, optimizer, scaler, schedulers, rng_all, extra), os.fspath(path))
     if world > 1:
         dist.barrier()
+
+
+def _payload(
+    hm: HyperModel,
+    fp: Mapping[str, Any],
+    optimizer: Any,
+    scaler: Any,
+    schedulers: Sequence[Any],
+    rng_all: list[Any],
+    extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch_version": str(torch.__version__),
+        "fingerprint": fp,
+        "digest": _digest(fp),
+        "model": hm.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "optimizer_class": None if optimizer is None else type(optimizer).__name__,
+        "grad_scaler": None if scaler is None else scaler.state_dict(),
+        "schedulers": [s.state_dict() for s in schedulers],
+        "scheduler_classes": [type(s).__name__ for s in schedulers],
+        "rng": rng_all,
+        "extra": dict(extra or {}),
+    }
 
 
 # ---- load --------------------------------------------------------------------------------------
@@ -237,43 +260,82 @@ def _check(ck: Any, path: str, hm: HyperModel, optimizer: Any, schedulers: Seque
             f"{_digest(fp)}): " + "; ".join(problems) + ". Wrap the same model with the same "
             "hyperparameters before loading; nothing was loaded"
         )
+    problems = _model_problems(ck.get("model"), hm)
     saved_opt = ck.get("optimizer")
     if optimizer is not None:
-        if saved_opt is None:
-            raise StateDictError(f"{where} holds no optimizer state; load it without optimizer=")
-        if ck.get("optimizer_class") != type(optimizer).__name__:
-            raise StateDictError(
-                f"{where} holds the state of a {ck.get('optimizer_class')}, not of a {type(optimizer).__name__}"
-            )
-        current = optimizer.state_dict()
-        if isinstance(current, Mapping) and current.get("format") == "hypertune.DeltaSTNOptimizer":
-            for key in ("version", "mode", "hparam_names"):
-                if saved_opt.get(key) != current.get(key):
-                    raise StateDictError(
-                        f"{where}: the optimizer was saved with {key}={saved_opt.get(key)!r}, this one has "
-                        f"{current.get(key)!r}; nothing was loaded"
-                    )
-            inner = ("optimizer", "response_optimizer", "hyper_optimizer")
-        else:
-            inner = (None,)
-        for key in inner:
-            a = saved_opt if key is None else saved_opt.get(key)
-            b = current if key is None else current[key]
-            if not (isinstance(a, Mapping) and "param_groups" in a) or _optimizer_layout(a) != _optimizer_layout(b):
-                raise StateDictError(
-                    f"{where}: the {key or 'optimizer'}'s parameter groups differ (checkpoint "
-                    f"{_optimizer_layout(a) if isinstance(a, Mapping) and 'param_groups' in a else '?'} "
-                    f"vs {_optimizer_layout(b)} parameters per group); build the optimizer the same way "
-                    "as in the run that saved it; nothing was loaded"
-                )
+        problems += _optimizer_problems(saved_opt, ck.get("optimizer_class"), optimizer)
     classes = list(ck.get("scheduler_classes", []))
     if len(schedulers) != len(classes) or any(
         c != type(s).__name__ for c, s in zip(classes, schedulers)
     ):
-        raise StateDictError(
-            f"{where} holds schedulers {classes}, given {[type(s).__name__ for s in schedulers]}; "
-            "pass the same schedulers in the same order; nothing was loaded"
+        problems.append(
+            f"it holds schedulers {classes}, given {[type(s).__name__ for s in schedulers]}; "
+            "pass the same schedulers in the same order"
         )
+    if problems:
+        if len(problems) == 1:
+            raise StateDictError(f"{where}: {problems[0]}; nothing was loaded")
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise StateDictError(f"{where} has {len(problems)} problem(s); nothing was loaded:\n{lines}")
+
+
+def _model_problems(state: Any, hm: HyperModel) -> list[str]:
+    """The saved model state against the live model, tensor by tensor (the fingerprint only
+    records what the writer claimed)."""
+    if not isinstance(state, Mapping):
+        return ["it holds no model state"]
+    live = hm.state_dict()
+    problems = []
+    missing = [k for k in live if k not in state]
+    if missing:
+        problems.append(f"its model state lacks {len(missing)} entr(ies): {missing[:5]}")
+    shapes = [
+        f"{k}: {tuple(v.shape)} vs {tuple(live[k].shape)}"
+        for k, v in state.items()
+        if k in live and torch.is_tensor(v) and tuple(v.shape) != tuple(live[k].shape)
+    ]
+    if shapes:
+        problems.append(f"{len(shapes)} model tensor shape(s) differ (checkpoint vs model): {shapes[:5]}")
+    not_tensors = [k for k, v in state.items() if k in live and not torch.is_tensor(v)]
+    if not_tensors:
+        problems.append(f"model entries that are not tensors: {not_tensors[:5]}")
+    nonfinite = [
+        k for k, v in state.items()
+        if torch.is_tensor(v) and v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())
+    ]
+    if nonfinite:
+        problems.append(f"the model state holds non-finite values (NaN/inf) in {nonfinite[:5]}")
+    return problems
+
+
+def _optimizer_problems(saved: Any, saved_class: Any, optimizer: Any) -> list[str]:
+    if saved is None:
+        return ["it holds no optimizer state; load it without optimizer="]
+    if saved_class != type(optimizer).__name__:
+        return [f"it holds the state of a {saved_class}, not of a {type(optimizer).__name__}"]
+    check = getattr(optimizer, "state_dict_problems", None)
+    if check is not None:  # a DeltaSTNOptimizer checks its own layout, every tensor included
+        current = optimizer.state_dict()
+        for key in ("version", "mode", "hparam_names"):
+            if isinstance(saved, Mapping) and saved.get(key) != current.get(key):
+                return [f"the optimizer was saved with {key}={saved.get(key)!r}, this one has {current.get(key)!r}"]
+        return [_group_hint(p) for p in check(saved)]
+    current = optimizer.state_dict()
+    if not (isinstance(saved, Mapping) and "param_groups" in saved) or _optimizer_layout(saved) != _optimizer_layout(current):
+        return [
+            f"the optimizer's parameter groups differ (checkpoint "
+            f"{_optimizer_layout(saved) if isinstance(saved, Mapping) and 'param_groups' in saved else '?'} "
+            f"vs {_optimizer_layout(current)} parameters per group); build the optimizer the same way "
+            "as in the run that saved it"
+        ]
+    return []
+
+
+def _group_hint(problem: str) -> str:
+    """Name a group-layout problem the way checkpoint users know it."""
+    if "parameters per group" in problem:
+        return f"the optimizer's parameter groups differ: {problem}"
+    return problem
 
 
 def load(
@@ -306,32 +368,34 @@ def load(
         raise StateDictError(f"could not read checkpoint {path!r}: {err}") from err
     _check(ck, path, hm, optimizer, schedulers)
 
-    # Apply, undoing everything if any part fails after the checks.
-    scaler = getattr(optimizer, "grad_scaler", None) if optimizer is not None else None
-    backup_model = {k: v.detach().clone() for k, v in hm.state_dict().items()}
-    backup_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
-    backup_sched = [copy.deepcopy(s.state_dict()) for s in schedulers]
-    backup_scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
-    try:
-        hm.load_state_dict(ck["model"], strict=True)
-        if optimizer is not None:
-            optimizer.load_state_dict(ck["optimizer"])
-            if scaler is not None and ck.get("grad_scaler"):
-                scaler.load_state_dict(ck["grad_scaler"])
-        for s, state in zip(schedulers, ck["schedulers"]):
-            s.load_state_dict(state)
-    except Exception as err:
-        hm.load_state_dict(backup_model, strict=True)
-        if optimizer is not None and backup_opt is not None:
-            optimizer.load_state_dict(backup_opt)
-        if scaler is not None and backup_scaler is not None:
-            scaler.load_state_dict(backup_scaler)
-        for s, state in zip(schedulers, backup_sched):
-            s.load_state_dict(state)
-        raise StateDictError(
-            f"checkpoint {path!r} could not be applied ({type(err).__name__}: {err}); the model, "
-            "optimizer and schedulers were put back as they were"
-        ) from err
+    # Apply under the model's lock (no step runs half-way through it), undoing everything if any
+    # part fails after the checks.
+    with hm.exclusive():
+        scaler = getattr(optimizer, "grad_scaler", None) if optimizer is not None else None
+        backup_model = {k: v.detach().clone() for k, v in hm.state_dict().items()}
+        backup_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+        backup_sched = [copy.deepcopy(s.state_dict()) for s in schedulers]
+        backup_scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
+        try:
+            hm.load_state_dict(ck["model"], strict=True)
+            if optimizer is not None:
+                optimizer.load_state_dict(ck["optimizer"])
+                if scaler is not None and ck.get("grad_scaler"):
+                    scaler.load_state_dict(ck["grad_scaler"])
+            for s, state in zip(schedulers, ck["schedulers"]):
+                s.load_state_dict(state)
+        except Exception as err:
+            hm.load_state_dict(backup_model, strict=True)
+            if optimizer is not None and backup_opt is not None:
+                optimizer.load_state_dict(backup_opt)
+            if scaler is not None and backup_scaler is not None:
+                scaler.load_state_dict(backup_scaler)
+            for s, state in zip(schedulers, backup_sched):
+                s.load_state_dict(state)
+            raise StateDictError(
+                f"checkpoint {path!r} could not be applied ({type(err).__name__}: {err}); the model, "
+                "optimizer and schedulers were put back as they were"
+            ) from err
     if restore_rng:
         rank, world = _distributed()
         states = ck.get("rng") or []

@@ -6,11 +6,15 @@ what lets ``HyperModel.wrap`` leave the user's ``forward`` untouched.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from .errors import PerturbationError
@@ -63,21 +67,116 @@ class Perturbation:
         return set(self._values)
 
 
-_STACK: list[Perturbation] = []
+# The perturbations of the forward passes running in this thread (or asyncio task), innermost
+# last. A context variable, not a module-global list: a forward in another thread must not see a
+# train_step's perturbed point (it would build forward-AD duals outside any dual level, or
+# evaluate at the wrong λ).
+_ACTIVE: ContextVar[tuple[Perturbation, ...]] = ContextVar("hypertune_active", default=())
+# The point each HyperModel evaluates at instead of λ₀ (HyperModel.evaluated_at), by model id.
+_PINNED: ContextVar[Mapping[int, Perturbation]] = ContextVar("hypertune_pinned", default={})
+_LOCKS: weakref.WeakKeyDictionary[Any, FairLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+# torch.compile cannot trace ContextVar.set(): a forward being compiled keeps its perturbation
+# here instead (the compiled graph reads it at trace time; the list is empty between calls).
+_TRACED: list[Perturbation] = []
 
 
 @contextmanager
 def active(perturbation: Perturbation) -> Iterator[Perturbation]:
-    _STACK.append(perturbation)
+    if torch.compiler.is_compiling():
+        _TRACED.append(perturbation)
+        try:
+            yield perturbation
+        finally:
+            _TRACED.pop()
+        return
+    token = _ACTIVE.set((*_ACTIVE.get(), perturbation))
     try:
         yield perturbation
     finally:
-        _STACK.pop()
+        _ACTIVE.reset(token)
 
 
 def current() -> Perturbation | None:
     """The innermost active perturbation, or ``None`` outside a wrapped model's forward."""
-    return _STACK[-1] if _STACK else None
+    if _TRACED:
+        return _TRACED[-1]
+    stack = _ACTIVE.get()
+    return stack[-1] if stack else None
+
+
+@contextmanager
+def pinned(owner: object, point: Perturbation) -> Iterator[Perturbation]:
+    """Make ``owner``'s forwards in this thread/task run at ``point`` (see HyperModel.evaluated_at)."""
+    token = _PINNED.set({**_PINNED.get(), id(owner): point})
+    try:
+        yield point
+    finally:
+        _PINNED.reset(token)
+
+
+def pinned_point(owner: object) -> Perturbation | None:
+    return _PINNED.get().get(id(owner))
+
+
+class FairLock:
+    """A re-entrant lock that threads take in the order they asked for it.
+
+    ``threading.RLock`` lets the thread that just released it take it straight back, so a thread
+    evaluating in a loop takes it many times between two training steps (over a hundred, in a
+    tiny model's run) and slows training; here the two take turns.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._next_ticket = 0
+        self._serving = 0
+
+    def acquire(self) -> bool:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while self._serving != ticket:
+                self._cond.wait()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("release of a hypertune model lock this thread does not hold")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._serving += 1
+                self._cond.notify_all()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_for(owner: object) -> FairLock:
+    """The lock that serializes ``owner``'s forwards and optimizer steps across threads.
+
+    Kept here, keyed weakly by the model, rather than on the module, so models still pickle and
+    deep-copy.
+    """
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(owner)
+        if lock is None:
+            lock = _LOCKS[owner] = FairLock()
+        return lock
 
 
 def hparam(name: str) -> Tensor:

@@ -39,17 +39,25 @@ class HyperParameters(nn.Module):
         self.names: list[str] = list(self.specs)
         self._index = {n: i for i, n in enumerate(self.names)}
         factory = {"dtype": dtype or torch.get_default_dtype(), "device": device}
-        self.unconstrained = nn.Parameter(
-            torch.tensor([s.unconstrained_init() for s in self.specs.values()], **factory)
-        )
-        self.raw_scale = nn.Parameter(
-            torch.tensor([_softplus_inverse(s.init_scale) for s in self.specs.values()], **factory)
-        )
+        self.unconstrained = nn.Parameter(torch.empty(len(self.names), **factory))
+        self.raw_scale = nn.Parameter(torch.empty(len(self.names), **factory))
         self._transforms = [s.transform for s in self.specs.values()]
         batch_cols = [i for i, s in enumerate(self.specs.values()) if s.perturb == "batch"]
         self.register_buffer(
-            "_batch_columns", torch.tensor(batch_cols, dtype=torch.long, device=device), persistent=False
+            "_batch_columns", torch.empty(len(batch_cols), dtype=torch.long, device=device), persistent=False
         )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """λ and σ at their specs' initial values. Also what fills them after ``to_empty`` on a
+        model wrapped on the meta device, which leaves uninitialised memory behind."""
+        if self.unconstrained.is_meta:
+            return
+        specs = list(self.specs.values())
+        self.unconstrained.copy_(torch.tensor([s.unconstrained_init() for s in specs], dtype=torch.float64))
+        self.raw_scale.copy_(torch.tensor([_softplus_inverse(s.init_scale) for s in specs], dtype=torch.float64))
+        self._batch_columns.copy_(torch.tensor([i for i, s in enumerate(specs) if s.perturb == "batch"], dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.names)

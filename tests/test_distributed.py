@@ -26,7 +26,7 @@ import hypertune as ht
 from hypertune import checkpoint as htc
 from hypertune import distributed as htd
 from hypertune.linearize import linearized_call
-from hypertune.optim.delta_stn import _no_grad_for
+from hypertune.optim.steps import no_grad_for as _no_grad_for
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 

@@ -214,7 +214,8 @@ def test_non_finite_steps_can_be_skipped_and_counted():
     model, opt = _setup("delta", nonfinite="skip")
     before = _snapshot(model)
     r = opt.train_step(*_batch(1), lambda o, y: F.cross_entropy(o, y) * float("inf"))
-    assert r.skipped and opt.skipped_steps == 2  # the w₀ step and the Θ step
+    # One refused train_step is one skipped step, though both its parts were refused.
+    assert r.skipped and not r.updated and opt.skipped_steps == 1 and opt.train_steps == 0
     # Running statistics are restored too: a refused step leaves the whole state as it was.
     _assert_same(before, _snapshot(model))
 
@@ -298,21 +299,22 @@ def test_response_every_skips_theta_steps_and_fraction_takes_leading_rows():
     opt = ht.DeltaSTNOptimizer(
         model, torch.optim.SGD(model.parameters(), lr=0.05), response_every=2, response_fraction=0.25
     )
-    seen = []
-    original = opt._response_step
+    seen: list[tuple[int, int]] = []
+    rows: list[int] = []
+    model.module.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
 
-    def spy(args, kwargs, target, loss_fn, rows):
-        seen.append((args[0].shape[0], target.shape[0], rows))
-        return original(args, kwargs, target, loss_fn, rows)
+    def loss_fn(out, y):
+        seen.append((out.shape[0], y.shape[0]))
+        return F.cross_entropy(out, y)
 
-    opt._response_step = spy  # type: ignore[method-assign]
     theta = [p.detach().clone() for p in model.response_parameters()]
-    r0 = opt.train_step(*_batch(0, n=32), F.cross_entropy)
-    assert seen == [(8, 8, 8)] and r0.response_loss is not None
+    r0 = opt.train_step(*_batch(0, n=32), loss_fn)
+    # The w₀ part sees the whole batch, the Θ part its leading quarter.
+    assert seen == [(32, 32), (8, 8)] and rows == [32, 8] and r0.response_loss is not None
     theta1 = [p.detach().clone() for p in model.response_parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(theta, theta1))
-    r1 = opt.train_step(*_batch(1, n=32), F.cross_entropy)
-    assert len(seen) == 1 and r1.response_loss is None
+    r1 = opt.train_step(*_batch(1, n=32), loss_fn)
+    assert seen[2:] == [(32, 32)] and r1.response_loss is None
     assert all(torch.equal(a, p) for a, p in zip(theta1, model.response_parameters()))
     for bad in ({"response_every": 0}, {"response_fraction": 0.0}, {"response_fraction": 1.5}):
         with pytest.raises(ht.HyperTuneError):

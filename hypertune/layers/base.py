@@ -203,6 +203,22 @@ class HyperLayer(nn.Module):
         self.hyper_projection = nn.Linear(num_hyper, n_out, bias=False, **factory)
         nn.init.zeros_(self.hyper_projection.weight)
 
+    @torch.no_grad()
+    def reset_response_parameters(self) -> None:
+        """Θ as wrap made it (P = 0), in the same Parameter objects: what fills Θ after
+        ``to_empty`` on a model wrapped on the meta device."""
+        mine = {id(p) for p in self.response_parameters()}
+        kept = {name: p for name, p in self.named_parameters() if id(p) in mine}
+        projection = self.hyper_projection
+        self._init_response(projection.in_features)
+        fresh = dict(self.named_parameters())
+        for name, p in kept.items():
+            p.copy_(fresh[name])
+        self.hyper_projection = projection
+        for name, p in kept.items():
+            if "." not in name:
+                setattr(self, name, p)
+
     def _fan_in(self) -> int:
         return nn.init._calculate_fan_in_and_fan_out(self.weight)[0]
 

@@ -1,0 +1,84 @@
+"""The inner optimizers DeltaSTNOptimizer builds for Θ and λ/σ, and how it takes Θ/λ/σ out of the
+user's optimizer (after every check has passed: see ``arguments.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import HyperTuneError
+from ..model import HyperModel
+
+#: Θ's default learning rate in the centered modes (Adam; benchmarks/RESULTS.md, compare.py).
+DEFAULT_RESPONSE_LR = 1e-3
+
+
+def response_optimizer_for(
+    choice: torch.optim.Optimizer | str | None, mode: str, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], lr: float | None
+) -> torch.optim.Optimizer:
+    """Θ's optimizer: the user's, or Adam (centered modes' default), or a clone (``stn``'s)."""
+    if isinstance(choice, torch.optim.Optimizer):
+        return choice
+    if (choice or ("clone" if mode == "stn" else "adam")) == "clone":
+        return clone_for_response(optimizer, params)
+    return adam(params, DEFAULT_RESPONSE_LR if lr is None else float(lr))
+
+
+def hyper_optimizer_for(hm: HyperModel, choice: torch.optim.Optimizer | None, lr: float, tune_scales: bool) -> torch.optim.Optimizer:
+    """λ and σ's optimizer: the user's, or RMSprop as in the paper."""
+    if choice is not None:
+        return choice
+    groups: list[dict[str, Any]] = [{"params": [hm.hparams.unconstrained]}]
+    if tune_scales:
+        groups.append({"params": [hm.hparams.raw_scale]})
+    return torch.optim.RMSprop(groups, lr=lr, eps=rmsprop_eps(hm.hparams.unconstrained.dtype))
+
+
+def adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Adam with its fused kernel where there is one: Θ is as large as w₀, and on CPU the
+    per-tensor loop costs 8× the fused step (benchmarks/response_optimizer_step.py)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or torch
+        return torch.optim.Adam(params, lr=lr)
+
+
+def rmsprop_eps(dtype: torch.dtype) -> float:
+    """RMSprop's ε for the hyper-state's dtype. torch's 1e-8 rounds to 0 in float16, and a
+    hypergradient below 2e-3 squares to 0 there, so the first λ step divided 0 by 0 and wrote
+    NaN into λ and inf into σ; float16's machine epsilon (1e-3) keeps the step finite and small.
+    Every other dtype keeps torch's default."""
+    return float(torch.finfo(torch.float16).eps) if dtype == torch.float16 else 1e-8
+
+
+def reference_lr(group: Mapping[str, Any]) -> float:
+    """The learning rate Θ's follows relative to: a scheduler's ``initial_lr`` when one was
+    attached before (a warm-up that starts at lr 0 leaves ``lr`` 0 at build time), else ``lr``."""
+    return float(group.get("initial_lr", group["lr"]))
+
+
+def take_over(optimizer: torch.optim.Optimizer, special: list[nn.Parameter]) -> None:
+    """Move Θ/λ/σ out of the user's optimizer (checked by take_over_problems first)."""
+    ids = {id(p) for p in special}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    for p in special:
+        optimizer.state.pop(p, None)
+
+
+def clone_for_response(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    settings = dict(optimizer.defaults)
+    settings["lr"] = optimizer.param_groups[0]["lr"]
+    if "weight_decay" in settings:
+        settings["weight_decay"] = 0.0
+    try:
+        return type(optimizer)(params, **settings)
+    except (TypeError, ValueError) as err:
+        raise HyperTuneError(
+            f"could not build a {type(optimizer).__name__} for the response parameters ({err}); "
+            "pass response_optimizer=... built over model.response_parameters(); your optimizer "
+            "was not changed"
+        ) from err

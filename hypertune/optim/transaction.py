@@ -1,0 +1,341 @@
+"""A step as a transaction: compute and check every part, then write all of it, or put back.
+
+A ``train_step`` has a w₀ part and a Θ part (one joint part in ``stn`` mode); a ``val_step`` has
+a λ/σ part. Each part runs its forward and backward (:meth:`StepTransaction.backward`), which
+writes only gradients and, in a train-mode forward, buffers such as BatchNorm's running
+statistics. Nothing else is written until every part has been checked (:meth:`verdict`: finite
+losses and gradients, one device sync for the whole step); then :meth:`commit` runs the inner
+optimizers' ``step``. If anything raises or is refused before that, :meth:`rollback` restores
+what the forwards wrote: the buffers, the RNG states (a refused step draws no noise), and the
+gradients.
+
+Why check before ``optimizer.step()`` instead of copying everything first: a copy of the weights
+and every optimizer's state costs as much memory traffic as the step's writes, every step. Here the
+common path copies only the buffers a train-mode forward writes (found by their version counters,
+a few running statistics) and the RNG state. Full copies of the written parameters and optimizer
+states are taken only where they are cheap or the risk is new:
+
+- the λ/σ part, always (two short vectors): its update is also checked *after* writing, since a
+  huge but finite hypergradient can overflow RMSprop's running square to inf and leave λ stuck;
+- every part of the first step of each kind, so an optimizer that raises inside ``step`` (sparse
+  gradients, an unsupported dtype) cannot leave a half-written model; those failures show on the
+  first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import NonFiniteLossError
+
+#: What a refused step leaves unchanged, for error messages.
+UNCHANGED = (
+    "no weights, Θ, λ, σ, optimizer states, buffers (BatchNorm statistics), RNG states, counters or "
+    "History were changed"
+)
+
+
+@dataclass
+class Part:
+    """One part of a step: its objective has been backpropagated, nothing written yet."""
+
+    what: str
+    data_loss: Tensor
+    objective: Tensor
+    params: Sequence[nn.Parameter]
+    optimizers: Sequence[torch.optim.Optimizer]
+    snapshot: bool = False
+    loss_ok: Tensor | None = None
+    grad_ok: Tensor | None = None
+
+
+@contextmanager
+def autocast_disabled() -> Iterator[None]:
+    """Leave any autocast region the caller opened: backward passes must not run under autocast."""
+    with ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            try:
+                enabled = torch.is_autocast_enabled(device_type)
+            except TypeError:  # torch < 2.4 has no per-device query
+                enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+            if enabled:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+def _finite_sum(tensors: Sequence[Tensor], like: Tensor) -> Tensor:
+    """True where every element is finite: a sum carries any NaN/inf (inf - inf is NaN) at a
+    fraction of a norm's cost."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=like.device)
+    return torch.isfinite(torch.stack([_sum(t) for t in tensors]).sum())
+
+
+def _sum(t: Tensor) -> Tensor:
+    """A float32 (or wider) sum: a half-precision one overflows on large but finite tensors."""
+    t = t.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.sum(dtype=torch.float32)
+    return t.sum().float()
+
+
+def _state_tensors(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> list[Tensor]:
+    state = opt.state
+    return [
+        v
+        for p in params
+        if p in state
+        for v in state[p].values()
+        if torch.is_tensor(v) and v.is_floating_point()
+    ]
+
+
+class BufferTracker:
+    """The buffers a train-mode forward writes, learnt from their version counters.
+
+    BatchNorm's running statistics are known writers; any other buffer seen changing during a
+    step (a spectral norm's power-iteration vector, a user's running average) joins them. They are
+    kept as (module, name), not tensors: ``model.to(...)`` replaces buffer tensors.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.known: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    self.known[(id(m), name)] = (m, name)
+
+    def _live(self, slots: list[tuple[nn.Module, str]]) -> list[tuple[nn.Module, str, Tensor]]:
+        out = []
+        for m, name in slots:
+            buf = getattr(m, name, None)
+            if torch.is_tensor(buf):
+                out.append((m, name, buf))
+        return out
+
+    def buffers(self, every: bool) -> list[tuple[nn.Module, str, Tensor]]:
+        """The known writers' live tensors, or every buffer of the model (deduplicated)."""
+        if not every:
+            return self._live(list(self.known.values()))
+        slots, seen = [], set()
+        for m in self.module.modules():
+            for name, buf in m.named_buffers(recurse=False):
+                if buf is not None and id(buf) not in seen:
+                    seen.add(id(buf))
+                    slots.append((m, name))
+        return self._live(slots)
+
+    def learn(self, versions: list[tuple[nn.Module, str, Tensor, int]]) -> None:
+        for m, name, buf, version in versions:
+            if buf._version != version:
+                self.known[(id(m), name)] = (m, name)
+
+
+@dataclass
+class _Saved:
+    """What a transaction can put back."""
+
+    rng: list[tuple[Callable[[Tensor], None], Tensor]] = field(default_factory=list)
+    buffers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    versions: list[tuple[nn.Module, str, Tensor, int]] = field(default_factory=list)
+    params: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
+    optimizer_states: list[tuple[torch.optim.Optimizer, nn.Parameter, dict[str, Any] | None]] = field(
+        default_factory=list
+    )
+
+
+def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+class StepTransaction:
+    """One step's parts, checked together and written together.
+
+    Args:
+        buffers: the tracker of buffers the step's forwards may write.
+        full: snapshot every buffer, and every part's parameters and optimizer state, instead of
+            the known buffer writers and the parts marked ``snapshot`` (the first step of a kind).
+        device: the model's device, whose RNG is saved with the CPU's.
+        scaler: an enabled GradScaler, or None.
+        average: DDP's gradient averaging of (params, loss_ok) -> agreed loss_ok, or None.
+    """
+
+    def __init__(
+        self,
+        *,
+        buffers: BufferTracker,
+        full: bool,
+        device: torch.device,
+        scaler: Any = None,
+        average: Callable[[Sequence[nn.Parameter], Tensor], Tensor] | None = None,
+    ) -> None:
+        self.parts: list[Part] = []
+        self._tracker = buffers
+        self._full = full
+        self._device = device
+        self._scaler = scaler
+        self._average = average
+        self._saved = _Saved()
+        self.committed = False
+        self.writing = False
+
+    # ---- begin ---------------------------------------------------------------------------------
+    def begin(self) -> StepTransaction:
+        saved = self._saved
+        saved.rng.append((torch.set_rng_state, torch.get_rng_state()))
+        if self._device.type == "cuda":
+            index = self._device.index if self._device.index is not None else torch.cuda.current_device()
+            saved.rng.append(
+                (lambda s, i=index: torch.cuda.set_rng_state(s, i), torch.cuda.get_rng_state(index))
+            )
+        buffers = self._tracker.buffers(every=self._full)
+        with torch.no_grad():
+            saved.buffers = [(b, b.detach().clone()) for _, _, b in buffers]
+        if self._full:
+            saved.versions = [(m, name, b, b._version) for m, name, b in buffers]
+        return self
+
+    # ---- parts ---------------------------------------------------------------------------------
+    def backward(
+        self,
+        what: str,
+        data_loss: Tensor,
+        objective: Tensor,
+        params: Sequence[nn.Parameter],
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        snapshot: bool = False,
+    ) -> Part:
+        """Backpropagate one part's objective; its gradients land in ``params``' ``.grad``."""
+        with autocast_disabled():
+            (objective if self._scaler is None else self._scaler.scale(objective)).backward()
+        part = Part(what, data_loss.detach(), objective.detach(), list(params), list(optimizers), snapshot)
+        part.loss_ok = torch.isfinite(part.objective)
+        self.parts.append(part)
+        return part
+
+    # ---- check ---------------------------------------------------------------------------------
+    def verdict(self) -> tuple[list[str], bool]:
+        """Every part's problems (empty if the step may be written) in one device sync, and
+        whether the only problem is a GradScaler overflow (a routine skip)."""
+        scaler = self._scaler
+        if self._average is not None:
+            for part in self.parts:
+                part.loss_ok = self._average(part.params, part.loss_ok)
+        unscaled: list[torch.optim.Optimizer] = []
+        if scaler is not None:
+            for part in self.parts:
+                for opt in part.optimizers:
+                    if opt not in unscaled and any(
+                        p.grad is not None for g in opt.param_groups for p in g["params"]
+                    ):
+                        scaler.unscale_(opt)
+                        unscaled.append(opt)
+        flags = []
+        for part in self.parts:
+            part.grad_ok = _finite_sum([p.grad for p in part.params if p.grad is not None], part.objective)
+            flags += [part.loss_ok, part.grad_ok]
+        if scaler is not None and unscaled:
+            scaler.update()  # lowers the scale if unscale_ found inf/NaN, else counts a good step
+        if not flags:
+            return [], False
+        values = torch.stack([f.to(self._device) for f in flags]).tolist()
+        problems = []
+        loss_bad = False
+        for i, part in enumerate(self.parts):
+            loss_fine, grad_fine = values[2 * i], values[2 * i + 1]
+            if not loss_fine:
+                loss_bad = True
+                problems.append(f"the {part.what}'s loss is {part.objective.item()}")
+            elif not grad_fine:
+                problems.append(f"the {part.what}'s gradients are not finite")
+        overflow_only = scaler is not None and bool(problems) and not loss_bad
+        return problems, overflow_only
+
+    # ---- write ---------------------------------------------------------------------------------
+    def commit(self) -> list[str]:
+        """Run every part's optimizers. Returns problems found in snapshotted parts' writes (then
+        everything is already put back); an optimizer raising is put back where a snapshot allows."""
+        saved = self._saved
+        with torch.no_grad():
+            for part in self.parts:
+                if part.snapshot or self._full:
+                    saved.params += [(p, p.detach().clone()) for p in part.params]
+                    for opt in part.optimizers:
+                        owned = {id(q) for g in opt.param_groups for q in g["params"]}
+                        for p in part.params:
+                            if p in opt.state:
+                                saved.optimizer_states.append((opt, p, _clone_state(opt.state[p])))
+                            elif id(p) in owned:
+                                saved.optimizer_states.append((opt, p, None))
+        self.writing = True
+        stepped: set[int] = set()
+        for part in self.parts:
+            for opt in part.optimizers:
+                if id(opt) not in stepped:
+                    opt.step()
+                    stepped.add(id(opt))
+        problems = []
+        written = [part for part in self.parts if part.snapshot or self._full]
+        if written:
+            checks = []
+            for part in written:
+                state = [t for opt in part.optimizers for t in _state_tensors(opt, part.params)]
+                checks.append(_finite_sum([*part.params, *state], part.objective))
+            values = torch.stack([c.to(self._device) for c in checks]).tolist()
+            problems = [
+                f"the {part.what}'s update left a non-finite value in its parameters or its "
+                "optimizer's state (e.g. RMSprop/Adam's running square of a huge gradient overflowed)"
+                for part, fine in zip(written, values)
+                if not fine
+            ]
+        if problems:
+            self.rollback()
+            return problems
+        self.committed = True
+        self._clear_grads()
+        if self._full:
+            self._tracker.learn(saved.versions)
+        return []
+
+    # ---- undo ----------------------------------------------------------------------------------
+    def rollback(self) -> None:
+        """Put back everything the step wrote: buffers, RNG, gradients, and snapshotted writes."""
+        saved = self._saved
+        with torch.no_grad():
+            for buf, value in saved.buffers:
+                buf.copy_(value)
+            for p, value in saved.params:
+                p.copy_(value)
+        for opt, p, state in saved.optimizer_states:
+            if state is None:
+                opt.state.pop(p, None)
+            else:
+                opt.state[p] = state
+        for set_state, value in saved.rng:
+            set_state(value)
+        self._clear_grads()
+
+    def can_undo_writes(self) -> bool:
+        """Whether every part's optimizer writes were snapshotted (so a raise in ``step`` is undone)."""
+        return all(part.snapshot for part in self.parts) or self._full
+
+    def _clear_grads(self) -> None:
+        for part in self.parts:
+            for p in part.params:
+                p.grad = None
+
+
+def refusal(problems: Sequence[str], kind: str) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{kind} was refused: " + "; ".join(problems) + f". Nothing was written: {UNCHANGED}. "
+        "Lower the learning rate, check the batch, or pass nonfinite='skip' to skip and count "
+        "such steps"
+    )

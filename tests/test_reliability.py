@@ -25,21 +25,22 @@ import hypertune as ht
 
 
 class _Net(nn.Module):
-    def __init__(self, reshape: bool = False, hparam_name: str | None = None) -> None:
+    def __init__(self, hparam_name: str | None = None, fail_perturbed: bool = False) -> None:
         super().__init__()
         self.a = nn.Linear(6, 16)
         self.bn = nn.BatchNorm1d(16)
         self.drop = nn.Dropout(0.1)
-        self.b = nn.Linear(8 if reshape else 16, 3 if not reshape else 3)
-        self.reshape = reshape
+        self.b = nn.Linear(16, 3)
         self.hparam_name = hparam_name
+        self.fail_perturbed = fail_perturbed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.drop(torch.relu(self.bn(self.a(x))))
         if self.hparam_name is not None:
             h = h * (1 + 0 * ht.hparam(self.hparam_name)[:, None])
-        if self.reshape:  # two rows per example: the batch dimension is no longer first
-            return self.b(h.reshape(-1, 8)).reshape(x.shape[0], 2, 3).mean(1)
+        if self.fail_perturbed and ht.hparam("drop").shape[0] > 1:
+            # only the perturbed (Θ/STN) pass carries one row per example: it fails after w₀'s part
+            raise ValueError("the model refuses perturbed batches")
         return self.b(h)
 
 
@@ -201,8 +202,8 @@ def test_a_refused_step_changes_nothing(name, mode):
     opt.train_step(*_batch(9), F.cross_entropy)
 
 
-def _reshaping_setup(mode):
-    return _setup(mode, net=_Net(reshape=True))
+def _failing_perturbed_setup(mode):
+    return _setup(mode, net=_Net(fail_perturbed=True))
 
 
 def _typo_setup(mode):
@@ -217,7 +218,7 @@ def _diverged_setup(mode):
 
 SETUP_CASES: dict[str, tuple[Callable, type[BaseException], str, tuple[str, ...]]] = {
     # The w₀ part runs at λ₀ (one row), the Θ part per example: only the Θ part refuses the batch.
-    "model_reshapes_its_batch": (_reshaping_setup, ht.PerturbationError, "reshapes or reorders", ("delta", "centered")),
+    "model_fails_in_the_perturbed_pass": (_failing_perturbed_setup, ValueError, "refuses perturbed", ("delta", "centered", "stn")),
     "hparam_name_typo": (_typo_setup, KeyError, "no hyperparameter named 'dorp'", ("delta", "stn")),
     "diverging_learning_rate": (_diverged_setup, ht.NonFiniteLossError, "Nothing was written", ("delta", "centered", "stn")),
 }

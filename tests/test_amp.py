@@ -68,8 +68,9 @@ def test_forward_ad_tangent_under_bf16_autocast_matches_float32(train):
 
 def test_bf16_steps_track_float32_steps():
     start = _build().state_dict()
-    full, _ = _run()
-    half, opt = _run(autocast=BF16)
+    # σ tuned too (held at σ₀ by default), so its bf16 path is compared with float32 as well.
+    full, _ = _run(tune_scales=True)
+    half, opt = _run(autocast=BF16, tune_scales=True)
     for k in ("module.0.weight", "module.0.response_weight", "module.4.hyper_projection.weight",
               "hparams.unconstrained", "hparams.raw_scale"):
         assert half[k].dtype == torch.float32  # weights and hyper-state stay in full precision

@@ -32,6 +32,9 @@ LossFn = Callable[[Any, Any], Tensor]
 _FORMAT = "hypertune.DeltaSTNOptimizer"
 #: Θ's default learning rate in the centered modes (Adam; benchmarks/RESULTS.md, compare.py).
 DEFAULT_RESPONSE_LR = 1e-3
+#: Θ step on every k-th train step by default: keeps a default step ≤ 2× a plain one with the
+#: tuning quality of k = 1 once σ is held (benchmarks/RESULTS.md, "Defaults that tune").
+DEFAULT_RESPONSE_EVERY = 3
 _VERSION = 1
 
 
@@ -213,9 +216,11 @@ class DeltaSTNOptimizer:
         response_lr: the learning rate of the ``"adam"`` Θ optimizer (default 1e-3).
         hyper_optimizer: optimizer over λ and σ; default RMSprop(lr=hyper_lr) as in the paper.
         entropy_weight: τ, the weight of the perturbation entropy bonus.
-        tune_scales: tune σ (with the entropy bonus); if False, λ steps are unperturbed.
+        tune_scales: tune σ (with the entropy bonus, inside ``HyperParameters.scale_range``);
+            by default σ is held at each spec's σ₀ and λ steps are unperturbed, as in the
+            reference code: a tuned σ shrank before Θ had learned (benchmarks/RESULTS.md).
         warmup_steps: train steps before val_step starts moving λ.
-        response_every: take the Θ step on every k-th train step only (centered modes).
+        response_every: take the Θ step on every k-th train step only (centered modes; default 3).
         response_fraction: take the Θ step on this leading fraction of each batch. Both trade
             Θ's sample count for speed (benchmarks/overhead.py measures the cost; the paper's
             setting is 1 and 1.0).
@@ -249,10 +254,10 @@ class DeltaSTNOptimizer:
         hyper_optimizer: torch.optim.Optimizer | None = None,
         hyper_lr: float = 1e-2,
         entropy_weight: float = 1e-3,
-        tune_scales: bool = True,
+        tune_scales: bool = False,
         warmup_steps: int = 0,
         nonfinite: NonFinite = "raise",
-        response_every: int = 1,
+        response_every: int = DEFAULT_RESPONSE_EVERY,
         response_fraction: float = 1.0,
         autocast: torch.dtype | None = None,
         grad_scaler: Any = None,

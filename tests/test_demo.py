@@ -21,14 +21,3 @@ def test_untuned_run_does_not_depend_on_the_tuned_one(monkeypatch, capsys):
     for key in ("untuned_val_loss", "untuned_test_loss", "untuned_test_acc"):
         assert first[key] == second[key], key
     assert "tuned values:" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_demo_moves_the_values_and_beats_the_untuned_run(seed):
-    """At the library's defaults (benchmarks/RESULTS.md, "Defaults that tune")."""
-    result = demo.main(["--seed", str(seed), "--print-every", "50"])
-    # Visibly: the hidden dropout rate, which starts at 0.05, at least doubles.
-    assert result["final:dropout"] > 0.1
-    assert result["tuned_val_loss"] < result["untuned_val_loss"]
-    assert result["tuned_test_loss"] < result["untuned_test_loss"]

@@ -65,13 +65,19 @@ SETTINGS = {
     # Θ: Adam. Θ estimates dw*/dλ, whose scale changes by orders of magnitude with λ
     # (∝ c for weight decay at small c), through the bilinear P·W_resp factorization that starts
     # at P = 0; SGD on it is scale-bound and crawls off that saddle, Adam is scale-free.
-    "response_optimizer": "adam",  # or "clone": the library default (a copy of w0's optimizer)
+    "response_optimizer": "adam",  # the library default in the centered modes ("clone": a copy of w0's)
     "response_lr": 1e-3,
+    # Θ steps per λ step. The library's default (a Θ step on every 3rd train step) assumes the
+    # papers' loop, a λ step after every 5th train step: 5/3 Θ steps per λ step. Here λ steps after
+    # every train step, so the same ratio ≥ 1 needs a Θ step on every one. With every 3rd, Θ lagged
+    # λ and flipped sign: Boston seed 1's input dropout ran into p ≈ 0 (optimum 0.18).
+    "response_every": 1,
     # λ, σ: the library's RMSprop, cosine-annealed to 0 after warm-up (stochastic approximation).
     "hyper_lr": 0.01,
     "hyper_lr_final": 0.0,
-    "entropy_weight": 1e-3,  # τ; the σ it implies biases the fixed point by < 0.01 here
-    "init_scale": 0.5,  # σ0 on the unconstrained scale
+    "tune_scales": False,  # σ held at σ0: the library's default (RESULTS.md, "Defaults that tune")
+    "entropy_weight": 1e-3,  # τ: acts only if σ is tuned (tune_scales=True)
+    "init_scale": 0.5,  # σ0 on the unconstrained scale, held there (the library's default policy)
     # One ε per step ("batch"), not per example: with full-batch training, per-example ε adds
     # Θ-gradient noise Σ_i ε_i ∇ℓ_i(w0) that does not vanish at the optimum.
     "perturb": "batch",
@@ -354,6 +360,8 @@ def run_method(problem: Problem, hparam: str, method: str, seed: int, settings: 
         hyper_lr=settings["hyper_lr"],
         entropy_weight=settings["entropy_weight"],
         warmup_steps=settings["warmup_steps"],
+        response_every=settings["response_every"],
+        tune_scales=settings["tune_scales"],
     )
     steps, warmup = settings["steps"], settings["warmup_steps"]
     horizon = max(1, steps - warmup)
@@ -497,12 +505,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure", metavar="PNG", help="run all three methods and plot λ vs step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny problem: 1 is fastest)")
     parser.add_argument("--steps", type=int, help=f"override the number of steps ({SETTINGS['steps']}; for quick checks)")
+    parser.add_argument("--response-every", type=int, help=f"override Θ's cadence ({SETTINGS['response_every']})")
+    parser.add_argument("--tune-scales", action="store_true", help="tune σ (entropy bonus) instead of holding it")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = dict(SETTINGS)
     if args.steps is not None:
         settings["steps"] = args.steps
         settings["warmup_steps"] = min(settings["warmup_steps"], args.steps // 4)
+    if args.response_every is not None:
+        settings["response_every"] = args.response_every
+    settings["tune_scales"] = settings["tune_scales"] or args.tune_scales
 
     if args.figure:
         rows = make_figure(args.data_dir, args.hparam, args.seed, args.figure, settings)

@@ -306,9 +306,10 @@ def measure(
     for mode, opt in tuned.items():
         plain, train, val = time_side_by_side(
             timer, plain_step, lambda: opt.train_step(x, y, loss_fn), lambda: opt.val_step(x, y, loss_fn),
-            repeats, warmup, (options or {}).get("response_every", 1),
+            repeats, warmup, opt.response_every,  # the optimizer's own cadence, default or not
         )
-        rows.append({**result_row(name, device, mode, int(x.shape[0]), plain, train, val), **(options or {})})
+        settings = {"response_every": opt.response_every, **(options or {})}
+        rows.append({**result_row(name, device, mode, int(x.shape[0]), plain, train, val), **settings})
         print(f"{name:>10} {str(device):>6} {mode:>8} {plain:10.2f} {rows[-1]['hyper_ms']:10.2f} "
               f"{rows[-1]['ratio']:7.2f}", flush=True)
     return rows
@@ -325,8 +326,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--response-fraction", type=float, default=1.0,
                         help="DeltaSTNOptimizer(response_fraction=...): Θ step on this part of a batch")
-    parser.add_argument("--response-every", type=int, default=1,
-                        help="DeltaSTNOptimizer(response_every=...): Θ step every k train steps")
+    parser.add_argument("--response-every", type=int, default=None,
+                        help="DeltaSTNOptimizer(response_every=...): Θ step every k train steps "
+                             "(default: the library's)")
     parser.add_argument("--response-optimizer", choices=["adam", "clone"], default=None,
                         help="DeltaSTNOptimizer(response_optimizer=...); default: the library's (Adam in "
                              "the centered modes, a clone of the SGD in stn)")
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         options = {}
         if args.response_fraction != 1.0:
             options["response_fraction"] = args.response_fraction
-        if args.response_every != 1:
+        if args.response_every is not None:
             options["response_every"] = args.response_every
         if args.response_optimizer is not None:
             options["response_optimizer"] = args.response_optimizer

@@ -85,8 +85,12 @@ def base_parser(
                         "weights' optimizer: stn mode's default and the reference code's choice)")
     p.add_argument("--response-lr", type=float, default=None, help="Θ's Adam learning rate (default 1e-3)")
     p.add_argument("--hyper-lr", type=float, default=1e-2, help="RMSprop learning rate of λ and σ")
-    p.add_argument("--entropy-weight", type=float, default=1e-3, help="τ, the entropy bonus of σ")
-    p.add_argument("--init-scale", type=float, default=1.0, help="σ₀, the initial perturbation scale")
+    p.add_argument("--entropy-weight", type=float, default=1e-3, help="τ, the entropy bonus of σ (with --tune-scales)")
+    p.add_argument("--init-scale", type=float, default=1.0, help="σ₀, the perturbation scale (held there by default)")
+    p.add_argument("--tune-scales", action="store_true",
+                   help="tune σ with the entropy bonus, inside [0.1, 4]·σ₀ (the library holds σ at σ₀)")
+    p.add_argument("--response-every", type=int, default=None,
+                   help="Θ step on every k-th train step (default: the library's, 3)")
     p.add_argument("--warmup-epochs", type=int, default=warmup_epochs,
                    help="epochs of weight training before λ starts moving")
     p.add_argument("--train-steps", type=int, default=train_steps, help="T_train: train steps per val step")
@@ -280,7 +284,9 @@ def train(
         optimizer = make_optimizer(net.parameters())
         opt = ht.DeltaSTNOptimizer(net, optimizer, mode=args.mode, hyper_lr=args.hyper_lr,
                                    entropy_weight=args.entropy_weight, warmup_steps=warmup,
-                                   response_optimizer=args.response_optimizer, response_lr=args.response_lr)
+                                   response_optimizer=args.response_optimizer, response_lr=args.response_lr,
+                                   tune_scales=args.tune_scales,
+                                   **({} if args.response_every is None else {"response_every": args.response_every}))
         print(f"tuning {len(net.hparams)} hyperparameters ({args.mode}): {', '.join(net.hparams.names)}")
     scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
     val_iter = _cycle(val_loader)

@@ -94,22 +94,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     plain_opt = torch.optim.SGD(untuned.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
 
     gen_t, gen_p, gen_v = (torch.Generator().manual_seed(args.seed + k) for k in range(3))
+    # Each run draws its dropout masks from its own random stream, so the untuned run is the same
+    # whatever the tuned one does (both streams start from the seed).
+    streams = {"untuned": torch.get_rng_state(), "tuned": torch.get_rng_state()}
     start = time.time()
     header = f"{'epoch':>5} {'val loss (untuned)':>19} {'val loss (Δ-STN)':>17}   hyperparameters"
     print(header)
     print("-" * len(header))
     step = 0
     for epoch in range(1, args.epochs + 1):
+        torch.set_rng_state(streams["untuned"])
         for x, y in batches(xt, yt, args.batch_size, gen_p):
             plain_opt.zero_grad()
             F.cross_entropy(untuned(x), y).backward()
             plain_opt.step()
+        streams["untuned"] = torch.get_rng_state()
+        torch.set_rng_state(streams["tuned"])
         for x, y in batches(xt, yt, args.batch_size, gen_t):
             opt.train_step(x, y, F.cross_entropy)
             step += 1
             if step % 5 == 0:  # T_train / T_valid = 5 / 1, as in the paper
                 idx = torch.randint(0, len(xv), (args.batch_size,), generator=gen_v)
                 opt.val_step(xv[idx], yv[idx], F.cross_entropy)
+        streams["tuned"] = torch.get_rng_state()
         if epoch % args.print_every == 0 or epoch == 1:
             vu = evaluate(untuned, xv, yv)[0]
             vt = evaluate(model, xv, yv)[0]
@@ -130,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"test accuracy {results['untuned_test_acc']:.3f} vs {results['tuned_test_acc']:.3f}"
     )
     print("tuned values:", {k: round(v, 5) for k, v in model.hparam_values().items()})
+    results.update({f"final:{k}": v for k, v in model.hparam_values().items()})
     return results
 
 

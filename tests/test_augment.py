@@ -444,7 +444,8 @@ class _SmallCNN(nn.Module):
 def test_end_to_end_augmentation_only_in_train_step(mode, monkeypatch):
     torch.manual_seed(0)
     model = ht.HyperModel.wrap(_SmallCNN(), hparams={"cutout": Cutout(), "dropout": ht.DropoutRate()})
-    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), mode=mode)
+    # A Θ step on every train step (the default takes one on every third), so each is checked.
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), mode=mode, response_every=1)
     calls: list[dict[str, torch.Tensor]] = []
     original = Cutout.apply
 

@@ -31,6 +31,7 @@ def load(name: str):
 
 overhead = load("overhead")
 compare = load("compare")
+oracle_gap = load("oracle_gap")
 
 
 def test_cycle_median_counts_the_response_step_once_per_cycle():
@@ -52,6 +53,58 @@ def test_overhead_writes_the_contract_rows(tmp_path):
         assert (r["model"], r["device"], r["response_every"], r["response_optimizer"]) == ("mlp", "cpu", 2, "clone")
         assert r["ratio"] == pytest.approx(r["hyper_ms"] / r["plain_ms"], rel=1e-2)
         assert r["hyper_ms"] >= r["train_step_ms"] > 0
+
+
+def test_overhead_times_the_library_default_cadence_by_default():
+    """Without --response-every the optimizer's own default cadence is timed and recorded; before,
+    the row claimed k = 1 and the cycle median ran over one position, hiding the Θ step."""
+    from hypertune.optim.delta_stn import DEFAULT_RESPONSE_EVERY
+
+    rows = overhead.main(["--models", "mlp", "--device", "cpu", "--modes", "delta", "--repeats", "3",
+                          "--warmup", "1", "--batch", "4", "--threads", "1"])
+    assert [r["response_every"] for r in rows] == [DEFAULT_RESPONSE_EVERY]
+
+
+def test_oracle_gap_fraction_closed():
+    assert oracle_gap.gap_closed(untuned=1.0, tuned=0.625, oracle=0.5) == 0.75
+    assert oracle_gap.gap_closed(untuned=1.0, tuned=0.25, oracle=0.5) == 1.5  # beat every grid value
+    assert oracle_gap.gap_closed(untuned=1.0, tuned=1.25, oracle=0.5) == -0.5
+    assert oracle_gap.gap_closed(untuned=0.5, tuned=0.4, oracle=0.5) is None  # the start is the oracle
+
+
+def test_oracle_gap_summary_compares_each_start_with_its_own_untuned_run():
+    runs = [{"kind": "fixed", "value": v, "best_val_loss": loss, "test_loss": 0.0, "method": f"fixed {v}",
+             "cpu_seconds": 1.0} for v, loss in [(0.05, 1.0), (0.5, 0.5), (0.85, 0.75)]]
+    runs += [{"kind": "tuned", "value": 0.05, "best_val_loss": 0.625, "test_loss": 0.7, "method": "t",
+              "cpu_seconds": 2.0, "final_hparams": {"dropout": 0.4}},
+             {"kind": "tuned", "value": 0.85, "best_val_loss": 0.5, "test_loss": 0.6, "method": "t",
+              "cpu_seconds": 2.0, "final_hparams": {"dropout": 0.5}}]
+    rows = oracle_gap.summarize(runs)
+    assert [(r["start"], r["untuned"], r["oracle"], r["oracle_value"], r["closed"]) for r in rows] == [
+        (0.05, 1.0, 0.5, 0.5, 0.75), (0.85, 0.75, 0.5, 0.5, 1.0)]
+    table = oracle_gap.markdown(runs, rows)
+    assert "| 0.05 | 1.0000 | 0.6250 | 0.5000 (0.5) | 75% | dropout=0.4 |" in table
+
+
+def test_oracle_gap_refuses_a_start_outside_the_grid(capsys):
+    with pytest.raises(SystemExit):
+        oracle_gap.main(["--grid", "0.1,0.5", "--starts", "0.05"])
+    assert "not in --grid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        oracle_gap.main(["--grid", "0.1,1.5"])
+    assert "dropout rates must lie in" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (DATA / "MNIST" / "raw").exists(), reason="MNIST not in ../shared/datasets")
+def test_oracle_gap_runs_the_grid_and_both_starts(tmp_path):
+    out = tmp_path / "gap.json"
+    result = oracle_gap.main(["--dataset", "mnist", "--data-root", str(DATA), "--train-subset", "64",
+                              "--epochs", "1", "--batch-size", "16", "--eval-every", "2",
+                              "--grid", "0.05,0.5", "--starts", "0.05,0.5", "--json", str(out)])
+    assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(result["summary"]))
+    assert [r["kind"] for r in result["runs"]] == ["fixed", "fixed", "tuned", "tuned"]
+    assert [r["start"] for r in result["summary"]] == [0.05, 0.5]
+    assert all(r["steps"] == 4 for r in result["runs"] if r["kind"] == "tuned")
 
 
 @pytest.mark.parametrize("clock", ["wall", "cpu"])

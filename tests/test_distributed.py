@@ -71,6 +71,9 @@ def _batch(step: int, rank: int, world: int, kind: str):
 
 def _train(model: nn.Module, hm: ht.HyperModel, mode: str, rank: int, world: int, **kw):
     hm.hparams.sample_noise = SharedNoise(hm.hparams, rank, world)
+    # σ tuned and a Θ step on every train step (the defaults hold σ and step Θ on every third), so
+    # the averaging of every hyper-state gradient is exercised within the few steps.
+    kw = {"tune_scales": True, "response_every": 1, **kw}
     opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(hm.parameters(), lr=0.1, momentum=0.9), mode=mode, **kw)
     for step in range(STEPS):
         opt.train_step(*_batch(step, rank, world, "train"), F.cross_entropy)
@@ -170,7 +173,8 @@ def _checkpoint_round_trip(hm, opt, rank: int, world: int, out: str) -> None:
     htc.save(path, model=opt.model, optimizer=opt, extra={"step": STEPS})
     torch.manual_seed(1234 + rank)  # move the RNG on; load must bring each rank's own back
     fresh = _build(seed=99)
-    fresh_opt = ht.DeltaSTNOptimizer(htd.prepare_ddp(fresh), torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9))
+    fresh_opt = ht.DeltaSTNOptimizer(htd.prepare_ddp(fresh), torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9),
+                                     tune_scales=opt.tune_scales)  # built as the saved run was
     extra = htc.load(path, model=fresh_opt.model, optimizer=fresh_opt)
     assert extra == {"step": STEPS}
     assert torch.equal(torch.get_rng_state(), rng)

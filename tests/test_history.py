@@ -45,7 +45,10 @@ def test_history_holds_every_step_with_lambda_sigma_and_losses():
     vals = h.of_kind("val")
     assert vals[-1].hparams == model.hparam_values()
     assert vals[-1].scales == model.hparams.scales()
-    assert all(r.response_loss is not None for r in h.of_kind("train"))
+    # A Θ step (and its loss) on every response_every-th train step: records count steps from 1.
+    trains = h.of_kind("train")
+    assert [r.response_loss is not None for r in trains] == [(r.step - 1) % opt.response_every == 0 for r in trains]
+    assert sum(r.response_loss is not None for r in trains) == 4  # steps 1, 4, 7, 10 of 12
     assert [r.step for r in vals] == [3, 6, 9, 12]
 
 

@@ -99,7 +99,7 @@ def test_batchnorm_running_stats_come_from_unperturbed_pass_only():
 
 @pytest.mark.parametrize("mode", ["delta", "centered", "stn"])
 def test_response_lr_follows_user_scheduler(mode):
-    model, opt = _setup(mode)
+    model, opt = _setup(mode, response_every=1)  # Θ's rate is set when a Θ step runs
     lr0 = opt.response_optimizer.param_groups[0]["lr"]
     sched = torch.optim.lr_scheduler.StepLR(opt.optimizer, step_size=1, gamma=0.5)
     opt.train_step(*_batch(0), F.cross_entropy)

@@ -69,7 +69,7 @@ from .accumulation import GradientAccumulation
 
 try:
     from transformers import Trainer, TrainingArguments
-    from transformers.utils import WEIGHTS_NAME
+    from transformers.utils import WEIGHTS_NAME, can_return_loss, find_labels
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "hypertune.integrations.transformers needs Hugging Face transformers, an optional dependency: "
@@ -261,8 +261,23 @@ class DeltaSTNTrainer(Trainer):
         write_schedule: bool = True,
         **trainer_kwargs: Any,
     ) -> None:
-        _check_construction(model, args, tune_dataset, tune_every, tune_warmup_steps, tune_batch_size,
-                            stn_options, trainer_kwargs)
+        if args is None:
+            args = TrainingArguments(output_dir="tmp_trainer")
+        problems = _construction_problems(model, tune_dataset, tune_every, tune_warmup_steps, tune_batch_size,
+                                          stn_options, trainer_kwargs)
+        problems += _unsupported(args, args.world_size)
+        if isinstance(model, HyperModel) and args.weight_decay > 0 and any(
+            isinstance(s, WeightDecay) for s in model.hparams.specs.values()
+        ):
+            tuned = [n for n, s in model.hparams.specs.items() if isinstance(s, WeightDecay)]
+            problems.append(
+                f"weight_decay={args.weight_decay} while hypertune tunes weight decay {tuned}: the "
+                "decay would be applied twice; set TrainingArguments(weight_decay=0.0)"
+            )
+        if problems:
+            raise HyperTuneError(
+                "DeltaSTNTrainer cannot run with these settings:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
         assert isinstance(model, HyperModel)
         optimizers = trainer_kwargs.pop("optimizers", (None, None))
         given = optimizers[0] if optimizers else None
@@ -285,22 +300,9 @@ class DeltaSTNTrainer(Trainer):
         # The Trainer builds the weights' optimizer in create_optimizer (or takes the given one).
         super().__init__(model=model, args=args, optimizers=(None, optimizers[1] if optimizers else None),
                          **trainer_kwargs)
-        problems = _unsupported(self.args, self.args.world_size)
-        if self.args.weight_decay > 0 and any(isinstance(s, WeightDecay) for s in model.hparams.specs.values()):
-            tuned = [n for n, s in model.hparams.specs.items() if isinstance(s, WeightDecay)]
-            problems.append(
-                f"weight_decay={self.args.weight_decay} while hypertune tunes weight decay {tuned}: the "
-                "decay would be applied twice; set TrainingArguments(weight_decay=0.0)"
-            )
-        if problems:
-            raise HyperTuneError(
-                "DeltaSTNTrainer cannot run with these settings:\n" + "\n".join(f"  - {p}" for p in problems)
-            )
         # The Trainer inspected HyperModel.forward(*args, **kwargs); the wrapped model's own
         # signature says which inputs are labels and which dataset columns to keep.
         inner = model.module
-        from transformers.utils import can_return_loss, find_labels
-
         if self.args.label_names is None:
             self.label_names = find_labels(type(inner))
         self.can_return_loss = can_return_loss(type(inner))
@@ -454,9 +456,9 @@ class DeltaSTNTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
         if not os.path.isfile(path):
-            raise HyperTuneError(
-                f"{resume_from_checkpoint} holds no {WEIGHTS_NAME}: resume from a checkpoint folder "
-                "written by DeltaSTNTrainer (checkpoint-<step>)"
+            raise StateDictError(
+                f"{resume_from_checkpoint} holds no {WEIGHTS_NAME}, so it was not written by "
+                "DeltaSTNTrainer: resume from a checkpoint-<step> folder of a DeltaSTNTrainer run"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         mine = self.hyper_model.state_dict()
@@ -510,16 +512,16 @@ class DeltaSTNTrainer(Trainer):
 
 
 # ---- construction checks ---------------------------------------------------------------------------
-def _check_construction(
+def _construction_problems(
     model: Any,
-    args: Any,
     tune_dataset: Any,
     tune_every: Any,
     tune_warmup_steps: Any,
     tune_batch_size: Any,
     stn_options: Any,
     trainer_kwargs: Mapping[str, Any],
-) -> None:
+) -> list[str]:
+    """Every problem of DeltaSTNTrainer's own arguments, with its fix."""
     problems = []
     if not isinstance(model, HyperModel):
         problems.append(
@@ -559,10 +561,7 @@ def _check_construction(
             )
     if trainer_kwargs.get("optimizer_cls_and_kwargs") is not None and optimizers is not None and optimizers[0] is not None:
         problems.append("pass either optimizers=(opt, ...) or optimizer_cls_and_kwargs, not both")
-    if problems:
-        raise HyperTuneError(
-            "DeltaSTNTrainer cannot run with these settings:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
+    return problems
 
 
 def _check_given_optimizer(optimizer: torch.optim.Optimizer, model: HyperModel) -> None:

@@ -378,7 +378,9 @@ def test_ptb_gpt2_smoke_tuned_and_untuned(tmp_path):
         assert math.isfinite(m["val"]["loss"]) and math.isfinite(m["test"]["loss"])
         assert m["val"]["ppl"] == pytest.approx(math.exp(m["val"]["loss"]))
     assert tuned["tuned"] and not untuned["tuned"]
-    assert len(tuned["final_hparams"]) == len(untuned["final_hparams"])
+    sites = 3 + example.attention_dropout_tunable()  # per site, in the 1-layer smoke model
+    assert len(tuned["final_hparams"]) == sites + 1  # and the weight decay
+    assert untuned["final_hparams"] == {"dropout": 0.05, "weight_decay": 1e-5}  # the starting values
     rows = list(csv.DictReader(open(tmp_path / "tuned" / "hypertune_schedule.csv")))
     assert {r["kind"] for r in rows} == {"train", "val"}
     assert (tmp_path / "tuned" / "hypertune_schedule.png").is_file()

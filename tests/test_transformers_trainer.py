@@ -206,6 +206,19 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert t.stn.hparams() != pytest.approx(before)
 
 
+def test_fp16_steps_go_through_the_accelerators_grad_scaler(tmp_path):
+    # accelerate makes a GradScaler for fp16 on GPUs only; give this CPU run one to take that path.
+    t = trainer(tmp_path, fp16=True, max_steps=3, tune_every=1)
+    t.accelerator.scaler = scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=1)
+    before = t.hyper_model.hparam_values()
+    t.train()
+    assert t.stn.grad_scaler is scaler
+    # The steps' updates went through the scaler (growth_interval=1: it doubles after each good
+    # update), and none overflowed.
+    assert scaler.get_scale() >= 2.0 ** (20 + 6) and t.stn.skipped_steps == 0
+    assert t.stn.hparams() != pytest.approx(before)
+
+
 def test_tune_batches_are_reproducible_from_their_count():
     data = [{"i": torch.tensor(i)} for i in range(10)]
     a = TuneBatches(data, 4, torch.utils.data.default_collate, seed=3)
@@ -385,3 +398,16 @@ def test_ptb_gpt2_smoke_tuned_and_untuned(tmp_path):
     assert {r["kind"] for r in rows} == {"train", "val"}
     assert (tmp_path / "tuned" / "hypertune_schedule.png").is_file()
     assert not (tmp_path / "untuned" / "hypertune_schedule.csv").exists()
+
+
+@pytest.mark.parametrize("module, missing, extra", [
+    ("hypertune.integrations.transformers", "transformers", "hypertune-stn[transformers]"),
+    ("hypertune.integrations.accelerate", "accelerate", "hypertune-stn[accelerate]"),
+])
+def test_a_missing_extra_is_named(monkeypatch, module, missing, extra):
+    import importlib
+
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setitem(sys.modules, missing, None)  # what an uninstalled package looks like to import
+    with pytest.raises(ImportError, match=extra.replace("[", r"\[").replace("]", r"\]")):
+        importlib.import_module(module)

@@ -62,6 +62,13 @@ class Counting(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
+class Noted(Counting):
+    """With a column the model does not take (the Trainer removes it from the batches)."""
+
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "note": f"row {i}"}
+
+
 def gpt2(seed: int = 0, dropout: float = 0.1) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=16, n_layer=1, n_head=2, resid_pdrop=dropout,
@@ -191,7 +198,9 @@ def test_save_model_writes_the_plain_model_with_tuned_values(tmp_path):
 
 
 def test_gradient_accumulation_counts_micro_batches(tmp_path):
-    t = trainer(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3, tune_every=1)
+    t = DeltaSTNTrainer(model=wrap(gpt2()), args=args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                                      max_steps=3), train_dataset=Noted(64, 0), tune_dataset=Noted(32, 1),
+                        tune_every=1)
     t.train()
     assert t.state.global_step == 3
     assert t.stn.train_steps == 6 and t.stn.val_steps == 3

@@ -69,12 +69,15 @@ from .accumulation import GradientAccumulation
 
 try:
     from transformers import Trainer, TrainingArguments
-    from transformers.utils import WEIGHTS_NAME, can_return_loss, find_labels
+    from transformers.utils import WEIGHTS_NAME, can_return_loss, find_labels, is_datasets_available
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "hypertune.integrations.transformers needs Hugging Face transformers, an optional dependency: "
         "pip install 'hypertune-stn[transformers]' (or pip install transformers accelerate)"
     ) from err
+
+if is_datasets_available():  # pragma: no cover - datasets is not a test dependency
+    import datasets
 
 __all__ = ["DeltaSTNTrainer", "TuneBatches", "load_tuned_dropout", "hparam_logs"]
 
@@ -145,11 +148,11 @@ class _StepOptimizer(torch.optim.Optimizer):
     the Trainer saves in ``optimizer.pt`` and restores on resume.
     """
 
-    def __init__(self, stn: DeltaSTNOptimizer, tune: TuneBatches) -> None:
+    def __init__(self, stn: DeltaSTNOptimizer, base: torch.optim.Optimizer, tune: TuneBatches) -> None:
         # No Optimizer.__init__: groups, state and defaults are the weights' optimizer's.
         self.stn = stn
+        self.base = base
         self.tune = tune
-        self.base = stn.optimizer  # the real one, also when an accumulator stands in front of it
 
     @property  # type: ignore[override]
     def param_groups(self) -> list[dict[str, Any]]:
@@ -335,15 +338,20 @@ class DeltaSTNTrainer(Trainer):
             self._clip_handle = base.register_step_pre_hook(self._clip_weights)
         if self.args.gradient_accumulation_steps > 1:
             self._accumulation = GradientAccumulation(stn)
-        tune = TuneBatches(
-            self._tune_dataset,
-            self._tune_batch_size or self.args.per_device_train_batch_size,
-            self.data_collator,
-            seed=self.args.seed + 1,
-        )
         self.stn = stn
-        self.optimizer = _StepOptimizer(stn, tune)
+        self.optimizer = _StepOptimizer(stn, base, self._tune_batches())
         return self.optimizer
+
+    def _tune_batches(self) -> TuneBatches:
+        """Batches of ``tune_dataset``, with the columns the model does not take removed, as the
+        Trainer does for its own loaders."""
+        dataset, collate = self._tune_dataset, self.data_collator
+        if is_datasets_available() and isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="tune")
+        else:
+            collate = self._get_collator_with_removed_columns(collate, description="tune")
+        size = self._tune_batch_size or self.args.per_device_train_batch_size
+        return TuneBatches(dataset, size, collate, seed=self.args.seed + 1)
 
     def _clip_weights(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         """Clip w₀'s gradient to ``max_grad_norm`` right before each weights' update."""

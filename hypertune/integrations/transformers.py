@@ -561,12 +561,13 @@ def _construction_problems(
                 f"optimizers[0] holds {len(optimizers[0])} optimizers: give one optimizer for the "
                 "model's weights (hypertune builds the ones for Θ, λ and σ)"
             )
-        elif optimizers[0] is not None and not isinstance(optimizers[0], torch.optim.Optimizer):
+        elif isinstance(optimizers[0], DeltaSTNOptimizer):
             problems.append(
-                f"optimizers[0] is a {type(optimizers[0]).__name__}, not a torch.optim.Optimizer"
-                + (": pass the plain optimizer, DeltaSTNTrainer builds the DeltaSTNOptimizer"
-                   if isinstance(optimizers[0], DeltaSTNOptimizer) else "")
+                "optimizers[0] is a DeltaSTNOptimizer: pass the plain optimizer over the model's "
+                "weights, DeltaSTNTrainer builds the DeltaSTNOptimizer"
             )
+        elif optimizers[0] is not None and not isinstance(optimizers[0], torch.optim.Optimizer):
+            problems.append(f"optimizers[0] is a {type(optimizers[0]).__name__}, not a torch.optim.Optimizer")
     if trainer_kwargs.get("optimizer_cls_and_kwargs") is not None and optimizers is not None and optimizers[0] is not None:
         problems.append("pass either optimizers=(opt, ...) or optimizer_cls_and_kwargs, not both")
     return problems

@@ -89,10 +89,11 @@ def attention_dropout_tunable() -> bool:
     class Probe(nn.Module):
         def __init__(self) -> None:
             super().__init__()
+            self.proj = nn.Linear(3, 3)
             self.attn_dropout = nn.Dropout(0.1)
 
         def forward(self, x: Tensor) -> Tensor:
-            return self.attn_dropout(x) * (1 - self.attn_dropout.p)
+            return self.attn_dropout(self.proj(x)) * (1 - self.attn_dropout.p)
 
     try:
         hm = ht.HyperModel.wrap(Probe(), {"d": ht.DropoutRate(init=0.1, targets=["attn_dropout"])})

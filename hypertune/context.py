@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from .errors import PerturbationError
+from .rows import BatchPerturbationNeeded
 
 if TYPE_CHECKING:
     from .hyperparameters import HyperParameters
@@ -39,6 +40,16 @@ class Perturbation:
     @property
     def rows(self) -> int:
         return self.hparams.shape[0]
+
+    def share_first_row(self) -> None:
+        """Evaluate at one perturbation for the whole batch (row 0): per-batch perturbation, for
+        models whose layout cannot carry one row per example."""
+        if self.rows == 1:
+            return
+        self.hparams = self.hparams[:1]
+        if self.response_input is not None:
+            self.response_input = self.response_input[:1]
+        self._values.clear()
 
     def value(self, name: str) -> Tensor:
         """Constrained value of ``name``, shape (R,), computed once per pass."""
@@ -80,9 +91,14 @@ def hparam(name: str) -> Tensor:
 
 
 def rows_for(batch: int, rows: int, where: str) -> None:
-    """Refuse a batch whose leading dimension does not match per-example perturbation rows."""
+    """Refuse a batch whose leading dimension does not match per-example perturbation rows.
+
+    Inside a HyperModel forward the refusal switches the model to per-batch perturbation
+    (:class:`~hypertune.rows.BatchPerturbationNeeded`); elsewhere it is the error.
+    """
     if rows != 1 and batch != rows:
-        raise PerturbationError(
+        raise BatchPerturbationNeeded(
+            where,
             f"{where} got a leading dimension of {batch} but the batch carries {rows} per-example "
             "perturbations: the model reshapes or reorders its batch before this module. Give every "
             "hyperparameter perturb='batch', or keep the batch dimension first, or exclude the "

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from .attention import sdpa_as_math, softmax
+
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
 except ImportError:  # pragma: no cover
@@ -34,13 +36,42 @@ class _LinearizableOps(TorchFunctionMode):
     ``hardsigmoid_backward``, which has no derivative ("derivative for
     aten::hardsigmoid_backward is not implemented"; MobileNetV3's squeeze-excitation);
     ``relu6(x + 3) / 6`` is the same function built from differentiable ops.
+    ``F.scaled_dot_product_attention``'s math kernel modifies its attention weights in place,
+    which breaks that backward as soon as the primal needs a gradient too ("modified by an
+    inplace operation"; wav2vec2 marks its input as requiring grad): it runs as
+    :func:`~hypertune.attention.math_attention`, the same formula without in-place ops. Softmax
+    itself has the same flaw, so a softmax whose primal needs a gradient is built from exp and sum.
     """
+
+    def __init__(self, hardsigmoid: bool) -> None:
+        super().__init__()
+        self.hardsigmoid = hardsigmoid
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.hardsigmoid:
+        if func is F.scaled_dot_product_attention:
+            return sdpa_as_math(*args, **kwargs)
+        if func in _SOFTMAX and args and fwAD.unpack_dual(args[0]).primal.requires_grad:
+            return _softmax_call(func, *args, **kwargs)
+        if self.hardsigmoid and func is F.hardsigmoid:
             return F.relu6(args[0] + 3.0) / 6.0
         return func(*args, **kwargs)
+
+
+_SOFTMAX = {
+    F.softmax: False, torch.softmax: False, torch.Tensor.softmax: False,
+    F.log_softmax: True, torch.log_softmax: True, torch.Tensor.log_softmax: True,
+}
+
+
+def _softmax_call(func: Callable[..., Any], x: torch.Tensor, dim: Any = None, *args: Any, **kwargs: Any) -> Any:
+    dim = kwargs.pop("dim", dim)
+    dtype = kwargs.pop("dtype", args[-1] if args and isinstance(args[-1], torch.dtype) else None)
+    if dim is None:  # F.softmax's legacy implicit dim
+        return func(x, dim, *args, **kwargs)
+    if dtype is not None:
+        x = x.to(dtype)
+    return softmax(x, dim, log=_SOFTMAX[func])
 
 
 def _math_attention():
@@ -87,9 +118,12 @@ def make_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
 
 
 def linearized_call(fn: Callable[[], Any], rewrite_ops: bool = False) -> Any:
-    """Run ``fn`` (a forward in linearize mode) and return every output as primal + tangent."""
+    """Run ``fn`` (a forward in linearize mode) and return every output as primal + tangent.
+
+    ``rewrite_ops`` also rewrites ``F.hardsigmoid`` (see :func:`needs_op_rewrites`); attention
+    is always rewritten.
+    """
     _load_jvp_decompositions()
-    rewrite = _LinearizableOps() if rewrite_ops else contextlib.nullcontext()
-    with fwAD.dual_level(), _math_attention(), rewrite:
+    with fwAD.dual_level(), _math_attention(), _LinearizableOps(hardsigmoid=rewrite_ops):
         out = fn()
         return pytree.tree_map(_linearized, out)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import context, surgery
+from .attention import TunedRateCalls
 from .augment.base import Augmentation
 from .context import Perturbation
 from .errors import HyperTuneError
 from .hyperparameters import HyperParameters
 from .layers import HyperDropout, HyperLayer, dropout_per_example
+from .layers.dropout import RateInterceptionNeeded
+from .rows import BatchPerturbationNeeded
 from .penalties import ActivationPenalty, WeightDecayPenalty
 from .specs import HParam, Target, TemporalActivationRegularization, WeightDecay, validate_specs
 
@@ -34,6 +38,28 @@ class InputDropoutHook:
 def _first_tensor(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor | None:
     leaves = torch.utils._pytree.tree_leaves((list(args), dict(kwargs)))
     return next((x for x in leaves if torch.is_tensor(x)), None)
+
+
+_SEQUENCE_FIRST_KINDS = (
+    nn.MultiheadAttention,
+    nn.Transformer,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+def _sequence_first_site(module: nn.Module) -> str | None:
+    """The first torch attention module built with batch_first=False, described for a notice.
+
+    Around it the batch is axis 1 of (T, B, E) tensors, while the model's input, whose leading
+    axis sets the perturbation rows, may be (T, B, ...) too: rows would then be time steps.
+    Shapes cannot tell the two apart when T happens to fit, so such models are perturbed per
+    batch from their first perturbed pass.
+    """
+    for path, m in module.named_modules():
+        if isinstance(m, _SEQUENCE_FIRST_KINDS) and getattr(m, "batch_first", None) is False:
+            return f"'{path or '<root>'}' ({type(m).__name__}, batch_first=False)"
+    return None
 
 
 class HyperModel(nn.Module):
@@ -61,6 +87,13 @@ class HyperModel(nn.Module):
             if isinstance(m, HyperLayer):
                 layers[name] = m
         self._layer_paths = list(layers)
+        self._dropouts = list({id(m): m for m in module.modules() if isinstance(m, HyperDropout)}.values())
+        for drop in self._dropouts:
+            drop.attach(hparams)
+        self._per_batch: str | None = None  # the site that needed per-batch perturbation
+        self._layout_seen = False  # a pass with per-example rows has run through
+        self._intercept_rates = False  # a tuned dropout's rate is read as a float (attention)
+        self._sequence_first = _sequence_first_site(module)
         self._penalties = []
         for name, paths in plan.weight_decay.items():
             spec = plan.specs[name]
@@ -159,10 +192,75 @@ class HyperModel(nn.Module):
         if self._unwrapped:
             raise HyperTuneError("this HyperModel was unwrapped; use the module unwrap() returned")
         point = self._override if self._override is not None else self.current_point()
-        with context.active(point):
+        if self._per_batch is None and self._sequence_first is not None and point.rows > 1:
+            self._fall_back_to_batch(self._sequence_first)
+        if self._per_batch is not None:
+            point.share_first_row()
+        while True:
+            saved = self._norm_stats() if point.rows > 1 and not self._layout_seen else None
+            try:
+                out = self._run(point, args, kwargs)
+            except RateInterceptionNeeded:
+                if self._intercept_rates:
+                    raise
+                self._intercept_rates = True
+            except BatchPerturbationNeeded as err:
+                if point.rows == 1:
+                    raise
+                self._fall_back_to_batch(err.site)
+                point.share_first_row()
+            else:
+                if point.rows > 1:
+                    self._layout_seen = True
+                return out
+            # run the pass again: undo what the interrupted pass left behind
+            for buf, value in saved or ():
+                buf.copy_(value)
+            for penalty in self._activation_penalties:
+                penalty.outputs.clear()
+
+    def _run(self, point: Perturbation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        intercept = self._intercept_rates and point.rows > 1
+        with context.active(point), (TunedRateCalls() if intercept else nullcontext()):
             if self.training and args and torch.is_tensor(args[0]) and args[0].is_floating_point():
                 args = (self._transform_input(args[0], point), *args[1:])
-            return self.module(*args, **kwargs)
+            out = self.module(*args, **kwargs)
+        if point.rows > 1:
+            unused = [d.hyper_path for d in self._dropouts if d.read_but_unused(point)]
+            if unused:
+                raise BatchPerturbationNeeded(
+                    f"tuned dropout '{unused[0]}'",
+                    f"tuned dropout '{unused[0]}': its rate was read as a float and used outside "
+                    "F.dropout / F.scaled_dot_product_attention",
+                )
+        return out
+
+    def _fall_back_to_batch(self, site: str) -> None:
+        """Perturb the whole model per batch from now on: a site cannot carry per-example rows,
+        and the Θ objective needs every site of one example at the same perturbation."""
+        self._per_batch = site
+        warnings.warn(
+            f"hypertune: {site} cannot take one perturbation per example, so the hyperparameters "
+            "are perturbed once per batch instead (correct, noisier); keep the batch dimension "
+            "first for per-example perturbation",
+            stacklevel=3,
+        )
+
+    @property
+    def perturbed_per_batch(self) -> str | None:
+        """The site that made the model fall back to one perturbation per batch, if any."""
+        return self._per_batch
+
+    def _norm_stats(self) -> list[tuple[Tensor, Tensor]]:
+        """Running statistics a pass may update before it is interrupted and run again."""
+        if not self.training:
+            return []
+        return [
+            (buf, buf.detach().clone())
+            for m in self.module.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase)
+            for buf in m.buffers()
+        ]
 
     def _transform_input(self, x: Tensor, point: Perturbation) -> Tensor:
         """Training-only input regularizers: augmentations in order, then input dropout."""

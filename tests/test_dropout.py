@@ -134,7 +134,7 @@ def test_unbatched_channel_dropout(shared):
 
 @pytest.mark.parametrize(
     "shape, rows, shared",
-    [((6, 4), 3, 0), ((6, 4), 12, 0), ((2, 3, 5), 4, 1), ((5, 2, 3, 3), 2, 2), ((3, 2, 2, 2, 2), 2, 3)],
+    [((7, 4), 3, 0), ((6, 4), 12, 0), ((2, 3, 5), 4, 1), ((5, 2, 3, 3), 2, 2), ((3, 2, 2, 2, 2), 2, 3)],
 )
 def test_mismatched_rows_raise(shape, rows, shared):
     x = torch.ones(shape)
@@ -223,15 +223,25 @@ def _point(model: HyperModel, rows: int, scale: float = 0.5) -> Perturbation:
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_reshaped_batch_refuses_per_example_rows(training):
+def test_reshaped_batch_is_perturbed_per_example(training):
+    """(B, T, F) folded to (B·T, F) before fc: each example's T rows carry its own perturbation,
+    so example i's output is the model's output on example i alone at row i (exact in eval)."""
     torch.manual_seed(8)
     model = HyperModel.wrap(Reshaping(), {"d": DropoutRate(), "wd": WeightDecay()})
+    with torch.no_grad():
+        for layer in model.hyper_layers().values():
+            layer.hyper_projection.weight.normal_()
     model.train(training)
     x = torch.randn(5, 2, 4)
-    with pytest.raises(PerturbationError, match="perturb='batch'") as info:
-        with model.evaluated_at(_point(model, rows=5)):
-            model(x)
-    assert "'fc'" in str(info.value) and "10" in str(info.value)
+    point = _point(model, rows=5)
+    with torch.no_grad(), model.evaluated_at(point):
+        out = model(x)
+    assert model.perturbed_per_batch is None
+    if not training:
+        for i in range(5):
+            one = Perturbation(model.hparams, point.hparams[i : i + 1], point.response_input[i : i + 1])
+            with torch.no_grad(), model.evaluated_at(one):
+                torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -263,13 +273,22 @@ def test_reshaped_batch_works_with_one_row(training):
         torch.testing.assert_close(folded, expect)
 
 
-def test_reshaped_batch_dropout_site_refuses_per_example_rows():
+def test_reshaped_batch_dropout_site_drops_per_example():
     # fc excluded: the first module to see the folded batch is the dropout
-    model = HyperModel.wrap(Reshaping(), {"d": DropoutRate()}, exclude=["fc"])
+    torch.manual_seed(12)
+    model = HyperModel.wrap(Reshaping(f=4, out=4), {"d": DropoutRate()}, exclude=["fc"])
     model.train()
-    with pytest.raises(PerturbationError, match="HyperDropout 'drop'"):
-        with model.evaluated_at(_point(model, rows=5)):
-            model(torch.randn(5, 2, 4))
+    drop = model.module.drop
+    seen = {}
+    drop.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    rates = torch.tensor([0.1, 0.5, 0.9])
+    u = torch.tensor([[model.hparams.specs["d"].transform.inverse(r)] for r in rates.tolist()])
+    with torch.no_grad(), model.evaluated_at(Perturbation(model.hparams, u, u * 0)):
+        model(torch.randn(3, 4000, 4) + 5)
+    # rows i·T … i·T+T-1 of the folded (B·T, F) tensor belong to example i, at its own rate
+    dropped = (seen["y"] == 0).reshape(3, -1).double().mean(1)
+    for got, rate in zip(dropped.tolist(), rates.tolist()):
+        assert abs(got - rate) <= binomial_bound(rate, 16000)
 
 
 def test_reshaped_batch_excluding_layers_avoids_the_error():
@@ -302,6 +321,9 @@ def test_unbatched_inputs_take_one_row_only():
     x = torch.randn(2, 4, 4)  # (C, H, W): no batch dimension
     with torch.no_grad(), model.evaluated_at(_point(model, rows=1)):
         assert model(x).shape == (2,)
-    with pytest.raises(PerturbationError):
-        with model.evaluated_at(_point(model, rows=2)):
-            model(x)
+    # per-example rows cannot be placed on an unbatched input: the model falls back to one
+    # perturbation per batch, with one notice naming the site
+    with pytest.warns(UserWarning, match="HyperConv2d '0' cannot take one perturbation per example"):
+        with torch.no_grad(), model.evaluated_at(_point(model, rows=2)):
+            assert model(x).shape == (2,)
+    assert model.perturbed_per_batch == "HyperConv2d '0'"

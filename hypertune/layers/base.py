@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -18,6 +19,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from .. import context
+from ..rows import layout
 from ..linearize import make_dual
 
 _HOOK_DICTS = (
@@ -186,6 +188,8 @@ class HyperLayer(nn.Module):
         tangent = self.response(x_p, s_w, s_b, wr, br)
         if x_t is not None:
             tangent = tangent + self.base_forward(x_t, w, None)
+        if tangent.shape != out.shape:  # a batch-shared input (rows.RowLayout.grows)
+            out = out.expand(tangent.shape).contiguous()
         return make_dual(out, tangent)
 
     def decayed_parameters(self, include_bias: bool = False) -> list[nn.Parameter]:
@@ -229,14 +233,31 @@ class HyperLayer(nn.Module):
 
 
 def row_view(
-    s: Tensor, out_dim: int, channel_dim: int, batched: bool, batch: int, where: str
+    s: Tensor,
+    out_dim: int,
+    channel_dim: int,
+    batched: bool,
+    batch: int,
+    where: str,
+    shape: Sequence[int] | None = None,
+    feature_dims: int = 1,
+    sequence_first: bool = True,
 ) -> Tensor:
     """Shape s (R, C) to broadcast against an output of rank ``out_dim`` whose channels are at
-    ``channel_dim``; an unbatched input only takes one shared row."""
+    ``channel_dim``; an unbatched input only takes one shared row.
+
+    ``shape`` is the input's shape, from which :func:`hypertune.rows.layout` finds which example
+    each row belongs to (batch first, position ids of batch 1, batch-major windows, sequence
+    first); without it the leading dimension ``batch`` must be the batch.
+    """
     rows, channels = s.shape
-    context.rows_for(batch if batched else 1, rows, where)
-    shape = [1] * out_dim
-    shape[channel_dim] = channels
-    if batched:
-        shape[0] = rows
-    return s.reshape(shape)
+    if not batched:
+        context.rows_for(1, rows, where)
+        view = [1] * out_dim
+        view[channel_dim] = channels
+        return s.reshape(view)
+    if shape is None:
+        lay = layout((batch,), rows, where, feature_dims=0, sequence_first=False)
+    else:
+        lay = layout(tuple(shape), rows, where, feature_dims, sequence_first)
+    return lay.place(s, out_dim, channel_dim)

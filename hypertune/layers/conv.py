@@ -21,9 +21,15 @@ class _HyperConv(HyperLayer):
         batched = x.dim() == self.spatial_dims + 2
         channel_dim = 1 if batched else 0
         where = f"{type(self).__name__} '{self.hyper_path}'"
-        out = out * row_view(s_w, out.dim(), channel_dim, batched, x.shape[0], where)
+        out = out * row_view(
+            s_w, out.dim(), channel_dim, batched, x.shape[0], where,
+            shape=x.shape, feature_dims=self.spatial_dims + 1, sequence_first=False,
+        )
         if s_b is not None and bias is not None:
-            sb = row_view(s_b, out.dim(), channel_dim, batched, x.shape[0], where)
+            sb = row_view(
+                s_b, out.dim(), channel_dim, batched, x.shape[0], where,
+                shape=x.shape, feature_dims=self.spatial_dims + 1, sequence_first=False,
+            )
             shape = [1] * out.dim()
             shape[channel_dim] = -1
             out = out + sb * bias.reshape(shape)

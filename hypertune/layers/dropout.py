@@ -6,11 +6,15 @@ tensor rate (a float per value would recompile under torch.compile), so the mask
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from typing import Any
+
 import torch
+from torch import Tensor, nn
 
 from .. import context
-from ..errors import PerturbationError
+from ..attention import TunedRate, intercepting
+from ..errors import HyperTuneError, PerturbationError
+from ..rows import SHARED, layout
 from .base import carry_hooks
 
 
@@ -20,19 +24,30 @@ def dropout_per_example(
     shared_trailing_dims: int = 0,
     where: str = "dropout",
     locked_dim: int | None = None,
+    sequence_first: bool = True,
 ) -> Tensor:
     """Inverted dropout of ``x`` with rate ``rate[i]`` for example ``i`` (rate shape (R,), R ∈ {1, B}).
 
     ``shared_trailing_dims`` trailing axes share one mask entry (channel dropout: 1, 2 or 3);
     ``locked_dim`` shares the mask along one more axis (variational dropout over time).
+    ``sequence_first=False`` says axis 1 is no batch axis (attention probabilities: heads).
     The rate carries no gradient: regularizers reach λ through the response path only.
     """
     # Rates and masks in float32 at least: a bf16 rate of 0.05 would round to about 0.051.
     rate = rate.detach().to(torch.promote_types(x.dtype, torch.float32))
     batched = x.dim() >= 2 + shared_trailing_dims
     rows = rate.shape[0]
-    context.rows_for(x.shape[0] if batched else 1, rows, where)
+    if batched:
+        lay = layout(
+            x.shape, rows, where, feature_dims=1 + shared_trailing_dims,
+            sequence_first=sequence_first and shared_trailing_dims == 0,
+        )
+    else:
+        context.rows_for(1, rows, where)
+        lay = SHARED
     mask_shape = list(x.shape[: x.dim() - shared_trailing_dims]) + [1] * shared_trailing_dims
+    if lay.grows:
+        mask_shape[0] = rows
     if locked_dim is not None:
         if not batched or locked_dim >= x.dim():
             raise PerturbationError(
@@ -40,13 +55,41 @@ def dropout_per_example(
                 f"{tuple(x.shape)}"
             )
         mask_shape[locked_dim] = 1
-    keep = (1.0 - rate).reshape([rows] + [1] * (x.dim() - 1))
+    keep = lay.place(1.0 - rate, x.dim())
     mask = torch.rand(mask_shape, device=x.device, dtype=keep.dtype) < keep
     return x * mask.to(x.dtype) / keep.to(x.dtype)
 
 
+class RateInterceptionNeeded(PerturbationError):
+    """A site's rate was read as a float in a pass with one rate per example, while no
+    :class:`~hypertune.attention.TunedRateCalls` mode could catch where it goes; ``HyperModel``
+    switches the mode on for the model and runs the pass again."""
+
+
+# The float value of a rate for the last pass that asked: reading ``.p`` costs a device sync once
+# per pass and hyperparameter, not once per attention layer.
+_float_cache: tuple[context.Perturbation | None, dict[str, float]] = (None, {})
+
+
+def _rate_float(point: context.Perturbation, name: str) -> float:
+    global _float_cache
+    cached_point, values = _float_cache
+    if cached_point is not point:
+        values = {}
+        _float_cache = (point, values)
+    value = values.get(name)
+    if value is None:
+        value = values[name] = float(point.value(name)[0])
+    return value
+
+
 class HyperDropout(nn.Module):
-    """Replaces nn.Dropout/Dropout1d/2d/3d; reads its rate from the active perturbation."""
+    """Replaces nn.Dropout/Dropout1d/2d/3d; reads its rate from the active perturbation.
+
+    Attention code that reads the module's rate instead of calling it (``self.attn_drop.p``,
+    handed to SDPA or to ``F.dropout``) gets a :class:`~hypertune.attention.TunedRate`, so the
+    site is tuned there too.
+    """
 
     def __init__(
         self,
@@ -64,23 +107,74 @@ class HyperDropout(nn.Module):
         self.base_class = base_class
         self.shared_trailing_dims = shared_trailing_dims
         self.hyper_path = path
+        # set by the HyperModel: where .p reads the current rate outside a forward
+        self.__dict__["space"] = None
+        # the pass (a Perturbation) in which .p was last read / the rate last used
+        self.__dict__["read_in"] = None
+        self.__dict__["used_in"] = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return x
+    def attach(self, space: Any) -> None:
+        """Let ``.p`` read the current rate of ``space`` (a HyperParameters) outside a forward;
+        kept out of the module tree, so it is no submodule and no state-dict entry."""
+        self.__dict__["space"] = space
+
+    @property
+    def p(self) -> float:
+        """The rate as a float, for code that reads it rather than calling this module."""
+        point = context.current()
+        if point is None:
+            space = self.__dict__["space"]
+            if space is None:
+                raise PerturbationError(
+                    f"HyperDropout '{self.hyper_path}' has no rate outside a HyperModel: read it from "
+                    "the HyperModel's hparam_values()"
+                )
+            return TunedRate(space.values()[self.hparam], self)
+        self.__dict__["read_in"] = point
+        if point.rows > 1 and not intercepting():
+            raise RateInterceptionNeeded(
+                f"HyperDropout '{self.hyper_path}': its rate is read as a float in a pass with one rate "
+                "per example; call the HyperModel, which intercepts where the rate goes"
+            )
+        return TunedRate(_rate_float(point, self.hparam), self)
+
+    @p.setter
+    def p(self, value: float) -> None:
+        raise HyperTuneError(
+            f"HyperDropout '{self.hyper_path}': its rate is tuned by hypertune (hyperparameter "
+            f"{self.hparam!r}) and cannot be set; exclude the module from the DropoutRate's targets "
+            "to keep a fixed rate"
+        )
+
+    def mark_used(self) -> None:
+        self.__dict__["used_in"] = context.current()
+
+    def read_but_unused(self, point: context.Perturbation) -> bool:
+        """Whether, in ``point``'s pass, the rate was read but reached no call that acts per example."""
+        return self.__dict__["read_in"] is point and self.__dict__["used_in"] is not point
+
+    def drop_per_example(self, x: Tensor, sequence_first: bool = True) -> Tensor:
+        """Dropout of ``x`` at this pass's per-example rates (the rows map onto x's layout)."""
         p = context.current()
         if p is None:
             raise PerturbationError(
                 f"HyperDropout '{self.hyper_path}' ran outside a HyperModel forward, so it has no rate; "
                 "call the wrapped model rather than its inner module"
             )
+        self.__dict__["used_in"] = p
         return dropout_per_example(
             x,
             p.value(self.hparam),
             self.shared_trailing_dims,
             f"HyperDropout '{self.hyper_path}'",
             self.locked_dim,
+            sequence_first,
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        return self.drop_per_example(x)
 
     def to_module(self, rate: float) -> nn.Module:
         """The plain dropout at the tuned rate (a locked mask has no torch module: its eval

@@ -38,7 +38,9 @@ class HyperEmbedding(HyperLayer, nn.Embedding):
     ) -> Tensor:
         out = F.embedding(x, weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq)
         where = f"HyperEmbedding '{self.hyper_path}'"
-        return out * row_view(s_w, out.dim(), -1, x.dim() >= 1, x.shape[0] if x.dim() else 1, where)
+        return out * row_view(
+            s_w, out.dim(), -1, x.dim() >= 1, x.shape[0] if x.dim() else 1, where, shape=x.shape, feature_dims=0
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)

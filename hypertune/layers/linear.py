@@ -20,8 +20,8 @@ class HyperLinear(HyperLayer, nn.Linear):
         batched = x.dim() >= 2
         where = f"HyperLinear '{self.hyper_path}'"
         out = F.linear(x, weight) * row_view(
-            s_w, x.dim(), -1, batched, x.shape[0], where
+            s_w, x.dim(), -1, batched, x.shape[0], where, shape=x.shape
         )
         if s_b is not None and bias is not None:
-            out = out + row_view(s_b, x.dim(), -1, batched, x.shape[0], where) * bias
+            out = out + row_view(s_b, x.dim(), -1, batched, x.shape[0], where, shape=x.shape) * bias
         return out

@@ -595,12 +595,22 @@ class DeltaSTNOptimizer:
             except (NotImplementedError, RuntimeError) as err:
                 # NotImplementedError: no forward-AD formula ("... has not been implemented yet",
                 # "You must implement the jvp function ..."); RuntimeError: no backward of one.
+                inplace = "modified by an inplace operation" in str(err)
                 if not point.linearize or (
-                    not isinstance(err, NotImplementedError) and "not implemented" not in str(err).lower()
+                    not isinstance(err, NotImplementedError)
+                    and "not implemented" not in str(err).lower()
+                    and not inplace
                 ):
                     raise
                 for p in self._response_params:
                     p.grad = None
+                if inplace:
+                    raise HyperTuneError(
+                        "an in-place op in the model's forward overwrote a tensor that the backward of "
+                        f"Δ-STN's linearized Θ step needs ({err}). Make that op out of place (x += y -> "
+                        "x = x + y, inplace=True -> False), or use mode='centered', which does not "
+                        "linearize; Θ was not updated"
+                    ) from err
                 raise HyperTuneError(
                     "Δ-STN's linearized Θ step needs forward-mode derivatives (and their backward) of "
                     f"every op in the model's forward, and PyTorch lacks one here: {err}. Use "

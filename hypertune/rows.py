@@ -1,0 +1,107 @@
+"""Which example each row of a tensor belongs to, inside a model that reshapes its batch.
+
+A batch of B examples carries R ∈ {1, B} perturbation rows. Hyper-layers and tuned dropouts
+see tensors whose leading axes are not always (B, ...): position ids are (1, T) and shared by
+every example, window and patch attention runs on (B·k, ...) rows, sequence-first code runs on
+(T, B, ...). :func:`layout` finds, from the shape alone, where the R rows go, and refuses only
+what the shape cannot say; the wrapped model then falls back to one perturbation per batch,
+which is correct for any layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .errors import PerturbationError
+
+
+class BatchPerturbationNeeded(PerturbationError):
+    """A site cannot tell which example its rows belong to; one row per batch serves it.
+
+    ``HyperModel`` catches it inside its forward, switches the model to per-batch perturbation
+    with a one-line notice naming ``site``, and runs the pass again.
+    """
+
+    def __init__(self, site: str, message: str) -> None:
+        self.site = site
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where the R perturbation rows sit in a tensor.
+
+    ``dim``: the axis holding examples (0, or 1 for sequence-first tensors). ``repeat``: each
+    row covers that many consecutive entries of the axis (batch-major windows/patches).
+    ``grows``: the axis has size 1 and is shared by the batch, so per-example values give the
+    result R entries along it (position embeddings of position ids (1, T)).
+    """
+
+    dim: int = 0
+    repeat: int = 1
+    grows: bool = False
+
+    def place(self, values: Tensor, ndim: int, feature_dim: int | None = None) -> Tensor:
+        """``values`` (R,) or (R, C) shaped to broadcast against a rank-``ndim`` tensor laid out
+        like this one, with the C features on ``feature_dim``."""
+        if self.repeat > 1:
+            values = values.repeat_interleave(self.repeat, dim=0)
+        shape = [1] * ndim
+        shape[self.dim] = values.shape[0]
+        if values.dim() == 2:
+            assert feature_dim is not None
+            shape[feature_dim] = values.shape[1]
+        return values.reshape(shape)
+
+
+SHARED = RowLayout()
+
+
+def layout(
+    shape: tuple[int, ...] | list[int], rows: int, where: str, feature_dims: int = 1, sequence_first: bool = True
+) -> RowLayout:
+    """How R = ``rows`` perturbation rows map onto a tensor of ``shape``.
+
+    ``feature_dims`` trailing axes are never examples (1 for a Linear input, 0 for embedding
+    ids). Examples sit on axis 1 only in a (T, B) layout: two leading axes, and
+    ``sequence_first`` (False for convolutions, channel dropout and attention probabilities,
+    whose axis 1 is channels or heads).
+
+    The rules, in order: one row broadcasts; a leading axis of R is the batch; of 1, shared by
+    the batch; a multiple of R with an axis 1 that is not R, batch-major (the k rows of example
+    i are i·k … i·k+k-1, as ``x.reshape(B·k, ...)`` of a batch-first tensor gives); axis 1 of R
+    with a leading axis that is no multiple of R, sequence-first. Anything else, including a
+    shape that fits two of these, raises :class:`BatchPerturbationNeeded`.
+    """
+    if rows == 1:
+        return SHARED
+    leading = len(shape) - feature_dims
+    if leading < 1:
+        raise BatchPerturbationNeeded(
+            where,
+            f"{where} got an unbatched input of shape {tuple(shape)} but the batch carries {rows} "
+            "per-example perturbations: pass a batch, or give the hyperparameters perturb='batch'",
+        )
+    n = shape[0]
+    if n == rows:
+        return SHARED
+    if n == 1:
+        return RowLayout(grows=True)
+    batch_major = n % rows == 0
+    seq_first = sequence_first and leading == 2 and shape[1] == rows
+    if batch_major and not seq_first:
+        return RowLayout(repeat=n // rows)
+    if seq_first and not batch_major:
+        return RowLayout(dim=1)
+    why = (
+        "could be batch-major windows or sequence-first"
+        if batch_major
+        else "has no axis that matches the batch"
+    )
+    raise BatchPerturbationNeeded(
+        where,
+        f"{where} got a tensor of shape {tuple(shape)} whose layout {why} for {rows} per-example "
+        "perturbations: keep the batch dimension first, or give the hyperparameters perturb='batch'",
+    )

@@ -1,0 +1,268 @@
+"""Batches that models reshape: which example each row belongs to, found without the user.
+
+Position ids of batch 1, batch-major windows and patches (B·k rows), and sequence-first
+tensors are perturbed per example; the property checked is exact: in eval mode, example i of a
+batch evaluated at per-example rows equals example i alone evaluated at its own row. Layouts
+the shape cannot place fall back to per-batch perturbation with one notice naming the site.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hypertune as ht
+from hypertune.context import Perturbation
+from hypertune.rows import BatchPerturbationNeeded, RowLayout, layout
+
+
+class PositionIds(nn.Module):
+    """GPT-2's pattern: token embeddings plus position embeddings of position ids (1, T)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(20, 8)
+        self.wpe = nn.Embedding(16, 8)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        return self.head(self.drop(self.wte(ids) + self.wpe(pos))).mean(1)
+
+
+class Windows(nn.Module):
+    """Swin's pattern: a feature map split into windows, (B, H, W, C) -> (B·nW, ws·ws, C)."""
+
+    def __init__(self, ws: int = 2) -> None:
+        super().__init__()
+        self.ws = ws
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.qkv = nn.Linear(6, 18)
+        self.attn_drop = nn.Dropout(0.1)
+        self.proj = nn.Linear(6, 6)
+        self.pw = nn.Conv2d(6, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)  # (B, C, H, W)
+        b, c, hh, ww = h.shape
+        ws = self.ws
+        win = h.permute(0, 2, 3, 1).reshape(b, hh // ws, ws, ww // ws, ws, c)
+        win = win.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)  # (B·nW, ws², C)
+        q, k, v = self.qkv(win).chunk(3, -1)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), dropout_p=self.attn_drop.p if self.training else 0.0
+        ).squeeze(1)
+        out = self.proj(out).reshape(b, hh // ws, ww // ws, ws, ws, c).permute(0, 5, 1, 3, 2, 4)
+        out = self.pw(out.reshape(-1, c, ws, ws))  # window-batch convolution: (B·nW, C, ws, ws)
+        return self.head(out.reshape(b, -1, c, ws * ws).mean((1, 3)))
+
+
+class SequenceFirstInside(nn.Module):
+    """Batch-first input, sequence-first inside: (B, T, F) -> (T, B, F) before a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.tanh(self.fc(x.transpose(0, 1))))  # (T, B, 6)
+        return self.head(h.mean(0))
+
+
+class LearnedQueries(nn.Module):
+    """A parameter of batch 1 through a Linear, broadcast against the batch afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, 3, 4))
+        self.q_proj = nn.Linear(4, 4)
+        self.k_proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj(self.queries)  # (1, 3, 4)
+        k = self.k_proj(x)  # (B, T, 4)
+        return self.head(F.scaled_dot_product_attention(q, k, k).mean(1))
+
+
+def _inputs(name: str, batch: int) -> torch.Tensor:
+    if name == "position_ids":
+        return torch.randint(0, 20, (batch, 5))
+    if name == "windows":
+        return torch.randn(batch, 3, 4, 4)
+    if name == "sequence_first_inside":
+        return torch.randn(batch, 5, 4)
+    return torch.randn(batch, 7, 4)
+
+
+MODELS = {
+    "position_ids": PositionIds,
+    "windows": Windows,
+    "sequence_first_inside": SequenceFirstInside,
+    "learned_queries": LearnedQueries,
+}
+
+
+def _wrap(name: str) -> ht.HyperModel:
+    net = MODELS[name]()
+    specs: dict = {"wd": ht.WeightDecay(), "a": ht.HParam(init=0.0)}
+    if any(isinstance(m, nn.Dropout) for m in net.modules()):
+        specs["dropout"] = ht.DropoutRate()
+    return ht.HyperModel.wrap(net, specs)
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_example_is_evaluated_at_its_own_row(name, batch):
+    torch.manual_seed(0)
+    model = _wrap(name).eval()
+    with torch.no_grad():
+        for p in model.response_parameters():
+            p.normal_()
+    x = _inputs(name, batch)
+    lam = model.hparams.unconstrained.detach().unsqueeze(0)
+    delta = torch.randn(batch, len(model.hparams))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with torch.no_grad(), model.evaluated_at(Perturbation(model.hparams, lam + delta, delta)):
+            out = model(x)
+        for i in range(batch):
+            row = Perturbation(model.hparams, lam + delta[i : i + 1], delta[i : i + 1])
+            with torch.no_grad(), model.evaluated_at(row):
+                torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1]), rtol=1e-5, atol=1e-6)
+    assert model.perturbed_per_batch is None
+    # and the rows matter: the response differs between examples
+    with torch.no_grad(), model.evaluated_at(Perturbation(model.hparams, lam.expand(batch, -1), torch.zeros_like(delta))):
+        base = model(x)
+    assert not torch.allclose(out, base)
+
+
+@pytest.mark.parametrize("mode", ["delta", "centered", "stn"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_layouts_train_per_example_in_every_mode(name, mode):
+    torch.manual_seed(1)
+    model = _wrap(name)
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), mode=mode, warmup_steps=0)
+    x = _inputs(name, 3)
+    y = torch.tensor([0, 1, 1])
+    before = model.hparams.unconstrained.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for _ in range(2):
+            assert not opt.train_step(x, y, F.cross_entropy).skipped
+            assert opt.val_step(x, y, F.cross_entropy).updated
+    assert model.perturbed_per_batch is None
+    assert not torch.equal(model.hparams.unconstrained.detach(), before)
+
+
+class SequenceFirstModel(nn.Module):
+    """nn.TransformerEncoderLayer with its default batch_first=False on a (T, B, E) input."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=batch_first)
+        self.head = nn.Linear(8, 2)
+        self.batch_first = batch_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(self.embed(x))
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("mode", ["delta", "centered", "stn"])
+def test_sequence_first_transformer_falls_back_to_per_batch_with_one_notice(mode):
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own nested-tensor notice
+        net = SequenceFirstModel(batch_first=False)
+    model = ht.HyperModel.wrap(net, {"dropout": ht.DropoutRate(), "wd": ht.WeightDecay()})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), mode=mode, warmup_steps=0)
+    x, y = torch.randn(6, 3, 4), torch.tensor([0, 1, 1])  # T = 6 = 2·B: shapes alone would mislead
+    with pytest.warns(UserWarning, match=r"'layer.self_attn' \(MultiheadAttention, batch_first=False\)") as record:
+        for _ in range(2):
+            assert math.isfinite(opt.train_step(x, y, F.cross_entropy).loss)
+            opt.val_step(x, y, F.cross_entropy)
+    assert sum("perturbation per example" in str(w.message) for w in record) == 1
+    assert model.perturbed_per_batch is not None
+
+
+def test_batch_first_transformer_is_perturbed_per_example():
+    torch.manual_seed(3)
+    model = ht.HyperModel.wrap(SequenceFirstModel(batch_first=True), {"dropout": ht.DropoutRate()})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), warmup_steps=0)
+    x, y = torch.randn(3, 6, 4), torch.tensor([0, 1, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        opt.train_step(x, y, F.cross_entropy)
+        opt.val_step(x, y, F.cross_entropy)
+    assert model.perturbed_per_batch is None
+
+
+class Unplaceable(nn.Module):
+    """T5's relative-position bias: an embedding of a (q, k) table with no batch axis, whose
+    output is then added to every example's attention scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.bias = nn.Embedding(9, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.fc(x).transpose(1, 2)).transpose(1, 2)  # (B, T, 4)
+        t = h.shape[1]
+        rel = torch.arange(t)[None, :] - torch.arange(t)[:, None] + 4
+        scores = h @ h.transpose(1, 2) + self.bias(rel.clamp(0, 8)).squeeze(-1)
+        return self.head(torch.softmax(scores, -1) @ h).mean(1)
+
+
+@pytest.mark.parametrize("mode", ["delta", "centered", "stn"])
+def test_a_site_without_a_batch_axis_falls_back_and_keeps_running_stats_single(mode):
+    torch.manual_seed(4)
+    model = ht.HyperModel.wrap(Unplaceable(), {"wd": ht.WeightDecay(), "a": ht.HParam(init=0.0)})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), mode=mode, warmup_steps=0)
+    x, y = torch.randn(4, 5, 4), torch.tensor([0, 1, 1, 0])  # (q, k) = (5, 5): no multiple of 4
+    with pytest.warns(UserWarning, match="HyperEmbedding 'bias' cannot take one perturbation per example"):
+        opt.train_step(x, y, F.cross_entropy)
+    assert model.perturbed_per_batch == "HyperEmbedding 'bias'"
+    # the interrupted pass did not count: one update from the pass that ran through (STN's
+    # perturbed pass; the centered modes' w₀ pass, their Θ pass freezes running statistics)
+    assert int(model.module.norm.num_batches_tracked) == 1
+    opt.val_step(x, y, F.cross_entropy)
+    assert math.isfinite(opt.train_step(x, y, F.cross_entropy).loss)
+
+
+@pytest.mark.parametrize(
+    "shape, rows, kw, expected",
+    [
+        ((4, 5, 8), 4, {}, RowLayout()),
+        ((1, 5, 8), 4, {}, RowLayout(grows=True)),
+        ((12, 5, 8), 4, {}, RowLayout(repeat=3)),
+        ((5, 4, 8), 4, {}, RowLayout(dim=1)),
+        ((5, 4), 4, {"feature_dims": 0}, RowLayout(dim=1)),
+        ((8, 4, 3, 3), 4, {"sequence_first": False}, RowLayout(repeat=2)),
+        ((7, 8), 1, {}, RowLayout()),
+    ],
+)
+def test_layout_rules(shape, rows, kw, expected):
+    assert layout(shape, rows, "site", **kw) == expected
+
+
+@pytest.mark.parametrize(
+    "shape, rows, kw",
+    [((8, 4, 8), 4, {}), ((5, 3, 8), 4, {}), ((8,), 4, {}), ((6, 4, 8, 8), 4, {"feature_dims": 1})],
+)
+def test_layouts_the_shape_cannot_place_are_refused(shape, rows, kw):
+    with pytest.raises(BatchPerturbationNeeded, match="'site'|site"):
+        layout(shape, rows, "site", **kw)

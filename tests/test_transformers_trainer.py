@@ -35,7 +35,7 @@ from hypertune.integrations.transformers import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
 VOCAB, LENGTH = 24, 12
-DROPOUTS = ["transformer.drop", "*.attn.resid_dropout", "*.mlp.dropout"]
+DROPOUTS = ["transformer.drop", "*.attn.attn_dropout", "*.attn.resid_dropout", "*.mlp.dropout"]
 DECAYED = ["transformer.wte", "*.c_attn", "*.c_proj", "*.c_fc"]
 
 
@@ -76,10 +76,10 @@ def gpt2(seed: int = 0, dropout: float = 0.1) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def wrap(model: nn.Module) -> ht.HyperModel:
+def wrap(model: nn.Module, dropouts: list[str] = DROPOUTS) -> ht.HyperModel:
     return ht.HyperModel.wrap(
         model,
-        {"dropout": ht.DropoutRate(init=0.1, targets=DROPOUTS, per_site=True), "wd": ht.WeightDecay(init=1e-3, targets=DECAYED)},
+        {"dropout": ht.DropoutRate(init=0.1, targets=dropouts, per_site=True), "wd": ht.WeightDecay(init=1e-3, targets=DECAYED)},
         exclude=["transformer.wpe", "lm_head"],
     )
 
@@ -141,26 +141,40 @@ def test_grad_clipping_and_warmup_of_lambda(tmp_path):
     assert len(norms) == 6 and all(n > 1e-3 for n in norms)  # the norm before clipping, as the Trainer logs it
 
 
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
-    full = trainer(tmp_path / "full", max_steps=8, save_strategy="steps", save_steps=4)
+def _resume_matches(tmp_path, dropouts: list[str]) -> None:
+    full = trainer(tmp_path / "full", wrap(gpt2(), dropouts), max_steps=8, save_strategy="steps", save_steps=4)
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-4"
     saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert saved["stn"]["counters"]["train_steps"] == 4 and saved["tune_batches_drawn"] == 2
 
-    resumed = trainer(tmp_path / "resumed", max_steps=8, save_strategy="steps", save_steps=4)
+    resumed = trainer(tmp_path / "resumed", wrap(gpt2(), dropouts), max_steps=8, save_strategy="steps", save_steps=4)
     resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.stn.history.records == full.stn.history.records
     a, b = full.hyper_model.state_dict(), resumed.hyper_model.state_dict()
     assert a.keys() == b.keys()
     for key in a:  # w₀, Θ, λ and σ
         assert torch.equal(a[key], b[key]), key
-    assert resumed.stn.history.records == full.stn.history.records
     assert (resumed.stn.train_steps, resumed.stn.val_steps) == (8, 4)
     for name in ("optimizer", "response_optimizer", "hyper_optimizer"):
         sa, sb = getattr(full.stn, name).state_dict()["state"], getattr(resumed.stn, name).state_dict()["state"]
         for i in sa:
             for k, v in sa[i].items():
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[i][k])), (name, i, k)
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    _resume_matches(tmp_path, [d for d in DROPOUTS if "attn_dropout" not in d])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="HyperModel learns to intercept attention-dropout rates on the first perturbed pass by "
+    "running that pass again; the failed attempt's dropout masks consume RNG draws, so a resumed "
+    "run (which learns it again) leaves the uninterrupted run's random stream (model.py, issue 12)",
+)
+def test_resume_matches_with_attention_dropout_tuned(tmp_path):
+    _resume_matches(tmp_path, DROPOUTS)
 
 
 def test_resume_from_a_checkpoint_of_another_trainer_is_refused(tmp_path):

@@ -20,12 +20,12 @@ Outputs under ``--out DIR``: ``hypertune_schedule.csv`` and ``hypertune_schedule
 runs), ``log_history.json`` (the Trainer's logs, λ and σ included) and ``metrics.json``
 (validation and test loss and perplexity, final values, wall time, arguments).
 
-GPT-2's attention dropout reads ``self.attn_dropout.p``; a hypertune that cannot tune such a
-site yet (issue 12) keeps it as a plain dropout at ``--init-dropout`` in both runs, and this
-script says so at start-up. Its ``Conv1D`` projections take weight decay as plain weights
-(no best-response) unless ``Conv1D`` is a hyper-layer kind. The position embedding ``wpe``
-and the tied ``lm_head`` are left unwrapped (``wpe`` is called with position ids of shape
-(1, T), and ``lm_head`` shares ``wte``'s weight).
+GPT-2's attention hands ``self.attn_dropout.p`` to its attention function; a hypertune that
+cannot tune such a site keeps it as a plain dropout at ``--init-dropout`` in both runs, and
+this script says so at start-up. Its ``Conv1D`` projections take weight decay as plain
+weights (no best-response) unless ``Conv1D`` is a hyper-layer kind. The position embedding
+``wpe`` and the ``lm_head`` (which shares ``wte``'s weight) are left unwrapped: the
+best-responses live in ``wte`` (and the projections, where ``Conv1D`` is a kind).
 
     python examples/ptb_gpt2.py --out runs/gpt2
     python examples/ptb_gpt2.py --untuned --out runs/gpt2_untuned
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed, use_cpu=device.type == "cpu", disable_tqdm=args.no_progress, dataloader_num_workers=0,
     )
     model = build_model(corpus.vocab_size, args)
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     if args.untuned:
         trainer: Trainer = FixedValueTrainer(
             _common.FixedRegularizers(model, specs), model=model, args=training_args, train_dataset=train_set,
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
-    wall = time.time() - start
+    wall, cpu = time.time() - start, time.process_time() - start_cpu
     evaluated = trainer.hyper_model if isinstance(trainer, DeltaSTNTrainer) else model
     results = {}
     for split, data in eval_sets.items():
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "example": "ptb_gpt2", "tuned": not args.untuned, "mode": None if args.untuned else args.mode,
         "epochs": args.epochs, "optimizer_steps": trainer.state.global_step, "val": results["val"],
         "test": results["test"], "final_hparams": final, "attention_dropout_tuned": attention and not args.untuned,
-        "wall_time_s": round(wall, 1), "device": str(device), "torch": torch.__version__,
+        "wall_time_s": round(wall, 1), "cpu_time_s": round(cpu, 1), "device": str(device), "torch": torch.__version__,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kind = "untuned" if args.untuned else f"tuned ({args.mode})"
     for split in ("val", "test"):
         print(f"final ptb_gpt2 [{kind}] {split}: loss={results[split]['loss']:.4f} ppl={results[split]['ppl']:.2f}")
-    print(f"wall time {wall:.0f} s; wrote {out}/", flush=True)
+    print(f"wall time {wall:.0f} s, CPU time {cpu:.0f} s; wrote {out}/", flush=True)
     return metrics
 
 

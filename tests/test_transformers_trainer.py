@@ -221,6 +221,31 @@ def test_gradient_accumulation_counts_micro_batches(tmp_path):
     assert isinstance(t.stn.optimizer, AccumulatingOptimizer)
 
 
+def test_compute_loss_func_and_label_smoothing_give_the_loss(tmp_path):
+    calls = []
+
+    def shifted_loss(outputs, labels, num_items_in_batch=None):
+        calls.append(labels.shape)
+        logits = outputs.logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+
+    t = DeltaSTNTrainer(model=wrap(gpt2()), args=args(tmp_path, max_steps=2), train_dataset=Counting(32, 0),
+                        tune_dataset=Counting(16, 1), tune_every=1, compute_loss_func=shifted_loss)
+    t.train()
+    # Two optimizer steps: a w₀ and a Θ pass each, and a λ step each; the model got no labels.
+    assert len(calls) == 6 and all(shape == (8, LENGTH) for shape in calls)
+    # Label smoothing: the Trainer's LabelSmoother (shifting the labels of a causal LM) forms the
+    # loss from the logits; the model is called without labels.
+    smoothed = trainer(tmp_path / "smooth", max_steps=2, tune_every=1, label_smoothing_factor=0.5)
+    got_labels = []
+    smoothed.hyper_model.module.register_forward_pre_hook(
+        lambda module, a, kw: got_labels.append("labels" in kw), with_kwargs=True
+    )
+    smoothed.train()
+    assert len(got_labels) >= 6 and not any(got_labels)  # (a first perturbed pass may run twice)
+    assert all(math.isfinite(r.loss) for r in smoothed.stn.history)
+
+
 def test_bf16_autocast_on_cpu(tmp_path):
     t = trainer(tmp_path, bf16=True, max_steps=3, tune_every=1)
     before = t.hyper_model.hparam_values()

@@ -300,18 +300,20 @@ class DeltaSTNTrainer(Trainer):
         self._last_tune_loss: float | None = None
         self._w0_grad_norm: float | None = None
         self._clip_handle: Any = None
+        inner = model.module
+        if getattr(inner, "config", None) is not None and "config" not in model.__dict__:
+            # The Trainer (and code around it) reads model.config: the HyperModel shows the
+            # wrapped model's, as a plain attribute (no state-dict entry).
+            model.config = inner.config
         # The Trainer builds the weights' optimizer in create_optimizer (or takes the given one).
         super().__init__(model=model, args=args, optimizers=(None, optimizers[1] if optimizers else None),
                          **trainer_kwargs)
         # The Trainer inspected HyperModel.forward(*args, **kwargs); the wrapped model's own
         # signature says which inputs are labels and which dataset columns to keep.
-        inner = model.module
         if self.args.label_names is None:
             self.label_names = find_labels(type(inner))
         self.can_return_loss = can_return_loss(type(inner))
         self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean (see above)
-        if getattr(inner, "config", None) is not None and hasattr(inner.config, "use_cache"):
-            inner.config.use_cache = self.args.use_cache
 
     # ---- the Trainer's hooks ---------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:

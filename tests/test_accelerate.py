@@ -83,7 +83,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("precision", ["no", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_two_processes_hold_identical_lambda_and_weights(tmp_path, precision):
     mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path), precision), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

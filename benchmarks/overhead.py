@@ -7,6 +7,11 @@ tuned steps are timed alternately (warm-up, many repeats, median), so machine no
 CUDA is timed with synchronize.
 
     python benchmarks/overhead.py --models mlp --device cpu --json out.json
+
+``--memory`` adds, per row, the bytes of parameters and optimizer state after a step (plain:
+w₀ and SGD's momentum; tuned: w₀, Θ, λ, σ and all their optimizers' state) and the peak memory
+of a few steps: ``torch.cuda.max_memory_allocated`` on CUDA, the peak RSS of a fresh process
+running only that configuration on CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -58,6 +65,17 @@ def _lstm_lm() -> nn.Module:
     return LM()
 
 
+def _gpt2_small() -> nn.Module:
+    """A small GPT-2 from its config (random weights): 4 layers, width 128, vocabulary 1000."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=1000, n_positions=128, n_embd=128, n_layer=4, n_head=4,
+        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=0, eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
 def _setup(name: str, device: torch.device, batch: int | None):
     """(model factory, hparams, inputs, targets, loss, learning rate)."""
     g = torch.Generator().manual_seed(0)
@@ -86,7 +104,16 @@ def _setup(name: str, device: torch.device, batch: int | None):
             return F.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1))
 
         return _lstm_lm, hparams, x, y, loss, 0.03
-    raise SystemExit(f"unknown model {name!r}: choose mlp, simple_cnn, resnet18, lstm")
+    if name == "gpt2":
+        b = batch or 16
+        x = torch.randint(0, 1000, (b, 64), generator=g)
+        hparams = {"dropout": ht.DropoutRate(init=0.1), "weight_decay": ht.WeightDecay(init=1e-4)}
+
+        def lm_loss(out, t: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), t.reshape(-1))
+
+        return _gpt2_small, hparams, x, x, lm_loss, 0.03
+    raise SystemExit(f"unknown model {name!r}: choose mlp, simple_cnn, resnet18, lstm, gpt2")
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -154,6 +181,80 @@ def result_row(model: str, device: torch.device, mode: str, batch: int, plain: f
             "ratio": round(hyper / plain, 3)}
 
 
+def _tensor_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if torch.is_tensor(t):
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def _state_bytes(optimizers) -> int:
+    return _tensor_bytes(v for opt in optimizers for state in opt.state.values() for v in state.values())
+
+
+def _build_step(name: str, device: torch.device, batch: int | None, config: str, options: dict | None):
+    """(step function, parameters, optimizers) of the plain run (config="plain") or a tuned mode."""
+    factory, hparams, x, y, loss_fn, lr = _setup(name, device, batch)
+    x, y = x.to(device), y.to(device)
+    torch.manual_seed(0)
+    base = factory().to(device)
+    if config == "plain":
+        wd = hparams["weight_decay"].init if "weight_decay" in hparams else 0.0
+        opt = torch.optim.SGD(base.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+
+        def plain() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(base(x), y).backward()
+            opt.step()
+
+        return plain, list(base.parameters()), [opt]
+    model = ht.HyperModel.wrap(base, hparams).to(device)
+    tuned = ht.DeltaSTNOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), mode=config, **(options or {})
+    )
+    calls = [0]
+
+    def step() -> None:
+        tuned.train_step(x, y, loss_fn)
+        calls[0] += 1
+        if calls[0] % T_TRAIN_PER_VAL == 0:
+            tuned.val_step(x, y, loss_fn)
+
+    optimizers = [tuned.optimizer, tuned.response_optimizer, tuned.hyper_optimizer]
+    return step, list(model.parameters()), optimizers
+
+
+def memory_row(name: str, device: torch.device, batch: int | None, config: str, options: dict | None,
+               steps: int = 2 * T_TRAIN_PER_VAL) -> dict:
+    """Bytes of parameters and optimizer state, and the peak memory of ``steps`` steps."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    step, params, optimizers = _build_step(name, device, batch, config, options)
+    for _ in range(steps):
+        step()
+    row = {"param_bytes": _tensor_bytes(params), "optimizer_state_bytes": _state_bytes(optimizers)}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        row["peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
+        row["peak_kind"] = "cuda max_memory_allocated"
+    else:
+        row["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        row["peak_kind"] = "peak RSS of a fresh process"
+    return row
+
+
+def memory_in_fresh_process(name: str, device: torch.device, batch: int | None, config: str,
+                            options: dict | None, threads: int) -> dict:
+    """CPU peak RSS is per process: measure each configuration in its own."""
+    cmd = [sys.executable, __file__, "--memory-child", json.dumps(
+        {"name": name, "device": str(device), "batch": batch, "config": config, "options": options or {},
+         "threads": threads})]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def measure(
     name: str,
     device: torch.device,
@@ -197,7 +298,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="mlp", help="comma list: mlp,simple_cnn,resnet18,lstm")
+    parser.add_argument("--models", default="mlp", help="comma list: mlp,simple_cnn,resnet18,lstm,gpt2")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", default="stn,centered,delta")
     parser.add_argument("--repeats", type=int, default=30)
@@ -211,8 +312,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--response-optimizer", choices=["adam", "clone"], default=None,
                         help="DeltaSTNOptimizer(response_optimizer=...); default: the library's (Adam in "
                              "the centered modes, a clone of the SGD in stn)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also report parameter/optimizer-state bytes and peak memory against plain")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.memory_child is not None:
+        job = json.loads(args.memory_child)
+        torch.set_num_threads(job["threads"])
+        row = memory_row(job["name"], torch.device(job["device"]), job["batch"], job["config"], job["options"])
+        print(json.dumps(row))
+        return [row]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"{'model':>10} {'device':>6} {'mode':>8} {'plain ms':>10} {'tuned ms':>10} {'ratio':>7}")
@@ -225,9 +335,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
             options["response_every"] = args.response_every
         if args.response_optimizer is not None:
             options["response_optimizer"] = args.response_optimizer
-        rows += measure(
+        timed = measure(
             name.strip(), device, args.modes.split(","), args.repeats, args.warmup, args.batch, options
         )
+        if args.memory:
+            def mem(config: str) -> dict:
+                if device.type == "cuda":
+                    return memory_row(name.strip(), device, args.batch, config, options)
+                return memory_in_fresh_process(name.strip(), device, args.batch, config, options, args.threads)
+
+            plain = mem("plain")
+            for row in timed:
+                tuned = mem(row["mode"])
+                row.update({f"plain_{k}": v for k, v in plain.items()})
+                row.update({f"tuned_{k}": v for k, v in tuned.items()})
+                print(f"{'':>10} memory {row['mode']:>8}: params {plain['param_bytes'] / 2**20:.1f} -> "
+                      f"{tuned['param_bytes'] / 2**20:.1f} MiB, optimizer state "
+                      f"{plain['optimizer_state_bytes'] / 2**20:.1f} -> {tuned['optimizer_state_bytes'] / 2**20:.1f} "
+                      f"MiB, peak {plain['peak_bytes'] / 2**20:.0f} -> {tuned['peak_bytes'] / 2**20:.0f} MiB "
+                      f"({plain['peak_kind']})", flush=True)
+        rows += timed
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows

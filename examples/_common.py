@@ -22,7 +22,6 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -147,120 +146,58 @@ def _cycle(loader: Any) -> Iterator[Any]:
 
 
 # ---- the untuned baseline: the starting hyperparameters, held fixed --------------------------
-def _paths(model: nn.Module, targets: Iterable[Any]) -> list[nn.Module]:
-    out = []
-    for path, m in model.named_modules():
-        if any((isinstance(t, str) and fnmatchcase(path, t)) or (isinstance(t, type) and isinstance(m, t)) for t in targets):
-            out.append(m)
-    return out
-
-
 class FixedRegularizers:
     """The training-only regularizers of a spec mapping, at their ``init`` values, on a plain model.
 
-    Dropout modules already run at their constructed rate (0.05 in these examples, the specs'
-    ``init``). This adds what has no module form: augmentations and input dropout (applied to
-    the batch, in HyperModel's order), word dropout on embeddings, and AR/TAR/weight-decay
-    penalties. DropConnect has no plain-module form here and is left out (the tuned run only
-    has it where the layer it acts on is a hyper-layer).
+    Each spec is applied by its kind's fixed form (hypertune.kinds: the same code ``unwrap`` and
+    schedule replay use), at the sites wrapping would give it: dropout modules run at ``init``
+    (a locked spec shares its mask along its axis), augmentations and input dropout transform
+    the batch (in HyperModel's order), word dropout masks embeddings, AR/TAR and weight decay add
+    penalties. Kinds without a plain form (DropConnect, generic HParam values) are listed in
+    ``skipped``.
     """
 
     def __init__(self, model: nn.Module, hparams: Mapping[str, Any]) -> None:
-        self.augmentations: list[tuple[Augmentation, dict[str, float]]] = []
-        self.input_dropout: float | None = None
-        self.penalties: list[tuple[float, int | None, list[Tensor]]] = []
-        self.decays: list[tuple[float, list[nn.Parameter]]] = []
+        from hypertune import surgery
+        from hypertune.specs import validate_specs
+
+        specs = validate_specs(hparams)
+        plan = surgery.plan(model, specs)  # where each spec acts; the model is not changed
+        self.forms: list[Any] = []
         self.skipped: list[str] = []
-        self._handles = []
-        self.collecting = False
-        for name, spec in hparams.items():
+        for name, claim in plan.claims.items():
+            kind, spec = plan.kinds[name], specs[name]
             if isinstance(spec, Augmentation):
-                self.augmentations.append((spec, {k: float(s.init) for k, s in spec.hparams().items()}))
-            elif isinstance(spec, ht.InputDropout):
-                self.input_dropout = float(spec.init)
-            elif isinstance(spec, ht.DropoutRate):
-                # The modules already drop at their constructed rate; a locked (variational)
-                # spec also shares the mask along its axis, as the tuned run does.
-                if spec.locked_dim is not None:
-                    modules = _paths(model, spec.targets) if spec.targets else [
-                        m for m in model.modules() if isinstance(m, nn.Dropout)
-                    ]
-                    for m in modules:
-                        self._handles.append(m.register_forward_hook(self._locked(float(spec.init), spec.locked_dim)))
-            elif isinstance(spec, ht.EmbeddingDropout):
-                modules = _paths(model, spec.targets) if spec.targets else [
-                    m for m in model.modules() if isinstance(m, nn.Embedding)
-                ]
-                for m in modules:
-                    self._handles.append(m.register_forward_hook(self._word_dropout(float(spec.init))))
-            elif isinstance(spec, ht.ActivationRegularization):
-                time_dim = spec.time_dim if isinstance(spec, ht.TemporalActivationRegularization) else None
-                store: list[Tensor] = []
-                self.penalties.append((float(spec.init), time_dim, store))
-                for m in _paths(model, spec.targets or ()):
-                    self._handles.append(m.register_forward_hook(self._collector(store)))
-            elif isinstance(spec, ht.WeightDecay):
-                modules = _paths(model, spec.targets) if spec.targets else [
-                    m for m in model.modules() if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-                ]
-                params = [m.weight for m in modules]
-                if spec.include_bias:
-                    params += [m.bias for m in modules if getattr(m, "bias", None) is not None]
-                self.decays.append((float(spec.init), params))
-            else:
-                self.skipped.append(name)
+                self.forms.insert(0, kind.fixed_form({sub: s.init for sub, s in spec.hparams().items()}))
+                continue
+            for value, value_spec in claim.values.items():
+                form = value_spec.fixed_form(model, kind.where(claim, value, model), value_spec.init)
+                if form is None:
+                    self.skipped.append(value)
+                else:
+                    self.forms.append(form)
 
-    @staticmethod
-    def _word_dropout(rate: float) -> Callable[..., Tensor | None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
-            if not module.training or rate <= 0:
-                return None
-            tokens = args[0]
-            keep = 1.0 - rate
-            flat = tokens.reshape(tokens.shape[0], -1)
-            mask = (torch.rand(flat.shape[0], module.num_embeddings, device=out.device) < keep).to(out.dtype) / keep
-            return out * torch.gather(mask, 1, flat).reshape(tokens.shape).unsqueeze(-1)
+    @property
+    def collecting(self) -> bool:
+        return any(getattr(f, "collecting", False) for f in self.forms)
 
-        return hook
-
-    @staticmethod
-    def _locked(rate: float, dim: int) -> Callable[..., Tensor | None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
-            if not module.training or rate <= 0:
-                return None
-            x = args[0]
-            shape = list(x.shape)
-            shape[dim] = 1
-            keep = 1.0 - rate
-            return x * ((torch.rand(shape, device=x.device) < keep).to(x.dtype) / keep)
-
-        return hook
-
-    def _collector(self, store: list[Tensor]) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if self.collecting and module.training:
-                store.append(out[0] if isinstance(out, (tuple, list)) else out)
-
-        return hook
+    @collecting.setter
+    def collecting(self, on: bool) -> None:
+        for form in self.forms:
+            if hasattr(form, "collecting"):
+                form.collecting = on
 
     def transform(self, x: Tensor) -> Tensor:
-        for aug, values in self.augmentations:
-            x = aug.apply(x, {k: torch.tensor([v], device=x.device, dtype=x.dtype) for k, v in values.items()})
-        if self.input_dropout:
-            x = F.dropout(x, self.input_dropout, training=True)
+        for form in self.forms:
+            x = form.transform(x)
         return x
 
     def penalty(self) -> Tensor | float:
         total: Tensor | float = 0.0
-        for coef, time_dim, store in self.penalties:
-            for h in store:
-                if time_dim is not None:
-                    steps = h.shape[time_dim]
-                    h = h.narrow(time_dim, 1, steps - 1) - h.narrow(time_dim, 0, steps - 1)
-                total = total + coef * h.pow(2).mean()
-            store.clear()
-        for coef, params in self.decays:
-            total = total + 0.5 * coef * sum(p.pow(2).sum() for p in params)
+        for form in self.forms:
+            term = form.penalty()
+            if term is not None:
+                total = total + term
         return total
 
 

@@ -12,7 +12,7 @@ hyperparameter steps and model selection, as in the paper (``--val-fraction`` do
 ``--train-subset N`` keeps the first N training tokens); the test set is untouched.
 
 DropConnect acts on nn.LSTM's weights, so it needs nn.LSTM to be a hyper-layer
-(``nn.LSTM in hypertune.surgery.HYPER_LAYERS``, HyperLSTM). With a hypertune where it is not,
+(a registered layer kind, HyperLSTM). With a hypertune where it is not,
 the spec is left out (6 hyperparameters) and the LSTMs train as plain w₀; Δ-STN's linearized
 step also needs HyperLSTM (PyTorch's fused LSTM kernels have no forward-mode AD), so there
 ``--mode delta`` falls back to ``centered``, said at start-up.
@@ -37,12 +37,13 @@ from torch import nn  # noqa: E402
 
 import _common  # noqa: E402
 import hypertune as ht  # noqa: E402
-from hypertune import surgery  # noqa: E402
+from hypertune.layers import registry  # noqa: E402
 from hypertune.experiments.ptb import BPTTLoader, Corpus, LSTMLanguageModel, batchify, evaluate_lm, lm_loss  # noqa: E402
 
 
 def lstm_is_hyper_layer() -> bool:
-    return nn.LSTM in surgery.HYPER_LAYERS
+    found = registry.match_class(nn.LSTM)
+    return found is not None and found.kind is not None
 
 
 def hparams(init_scale: float = 1.0, dropconnect: bool | None = None) -> dict:

@@ -18,7 +18,10 @@ from .errors import (
 )
 from .global_response import GlobalBestResponse
 from .hyperparameters import HyperParameters
-from .model import HyperModel
+from .kinds import register_hparam_kind
+from .layers import HyperLayer, register_layer_kind
+from .model import Coverage, HyperModel
+from .notices import WrapNotice
 from .optim import DeltaSTNOptimizer, StepResult
 from . import checkpoint, distributed  # noqa: E402  (they import the optimizer)
 from .schedule import Schedule, ScheduleReplayer  # noqa: E402
@@ -29,6 +32,7 @@ from .specs import (
     EmbeddingDropout,
     HParam,
     InputDropout,
+    hparam_from_json,
     TemporalActivationRegularization,
     VariationalDropout,
     WeightDecay,
@@ -38,9 +42,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HyperModel",
+    "Coverage",
+    "HyperLayer",
+    "register_layer_kind",
+    "register_hparam_kind",
+    "WrapNotice",
     "DeltaSTNOptimizer",
     "StepResult",
     "HParam",
+    "hparam_from_json",
     "DropoutRate",
     "InputDropout",
     "WeightDecay",

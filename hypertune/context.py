@@ -58,6 +58,10 @@ class Perturbation:
             v = self._values[name] = self.space.constrain(self.hparams, name)
         return v
 
+    def values_read(self) -> set[str]:
+        """Names some module read during this pass (a tuned value nobody reads is refused)."""
+        return set(self._values)
+
 
 _STACK: list[Perturbation] = []
 

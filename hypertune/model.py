@@ -5,34 +5,27 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 import warnings
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import context, surgery
-from .attention import TunedRateCalls
 from .augment.base import Augmentation
 from .context import Perturbation
 from .errors import HyperTuneError
 from .hyperparameters import HyperParameters
-from .layers import HyperDropout, HyperLayer, dropout_per_example
+from .attention import TunedRateCalls
+from .kinds.base import Installation, kind_of
+from .kinds.input_dropout import InputDropoutHook
+from .layers import HyperDropout, HyperLayer
 from .layers.dropout import RateInterceptionNeeded
+from .notices import listing, notice
 from .rows import BatchPerturbationNeeded
-from .penalties import ActivationPenalty, WeightDecayPenalty
-from .specs import HParam, Target, TemporalActivationRegularization, WeightDecay, validate_specs
+from .specs import HParam, Target, validate_specs
 
-
-class InputDropoutHook:
-    """Forward pre-hook that bakes a tuned input-dropout rate into an unwrapped model."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if not module.training or not args or not torch.is_tensor(args[0]):
-            return None
-        return (torch.nn.functional.dropout(args[0], self.rate, True), *args[1:])
+__all__ = ["HyperModel", "Coverage", "InputDropoutHook"]
 
 
 def _first_tensor(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -62,6 +55,22 @@ def _sequence_first_site(module: nn.Module) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a wrapped model is tuned: the share of its w₀ weights (by element count)
+    that hyper-layers modulate, and each weight-bearing module left as w₀ with the reason."""
+
+    tuned_fraction: float
+    untuned: dict[str, str]
+
+    def __str__(self) -> str:
+        head = f"{100 * self.tuned_fraction:.1f}% of the model's weights are tuned"
+        if not self.untuned:
+            return head
+        items = [f"'{p or '<root>'}' ({why})" for p, why in self.untuned.items()]
+        return f"{head}; {len(items)} weight-bearing module(s) stay w₀: {listing(items, 4)}"
+
+
 class HyperModel(nn.Module):
     """A model whose regularization hyperparameters are tuned online (Self-Tuning Networks).
 
@@ -72,21 +81,36 @@ class HyperModel(nn.Module):
     module: nn.Module
     hparams: HyperParameters
 
-    def __init__(self, module: nn.Module, hparams: HyperParameters, plan: surgery.SurgeryPlan) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        hparams: HyperParameters,
+        plan: surgery.SurgeryPlan,
+        installed: Installation | None = None,
+    ) -> None:
         super().__init__()
+        installed = installed if installed is not None else Installation(module)
         self.module = module
         self.hparams = hparams
         self.training = module.training
         self.centered = True
         self._override: Perturbation | None = None
-        self._unwrapped = False
-        self._input_dropout = plan.input_dropout
-        self._augmentations = list(plan.augmentations)
-        layers: dict[str, HyperLayer] = {}
-        for name, m in module.named_modules():
-            if isinstance(m, HyperLayer):
-                layers[name] = m
-        self._layer_paths = list(layers)
+        self._unwrapped: list[nn.Module] = []  # the module unwrap() returned (a list: not a submodule)
+        # where each tuned value acts (module paths / parameter names), and what stays w₀
+        self._where: dict[str, dict[str, Any]] = {}
+        for name, claim in plan.claims.items():
+            kind = plan.kinds[name]
+            for value in claim.values:
+                self._where[value] = kind.where(claim, value, module) if hasattr(kind, "where") else {}
+        self._untuned = dict(plan.untuned)
+        self._input_transforms = [fn for _, fn in sorted(installed.input_transforms, key=lambda t: t[0])]
+        self._penalties = list(installed.penalties)
+        self._collectors = list(installed.collectors)
+        self._hook_handles = list(installed.hooks)
+        self._layer_paths = [n for n, m in module.named_modules() if isinstance(m, HyperLayer)]
+        # generic values only a forward can use (hypertune.hparam): which ones training passes read
+        self._read_in_forward = [n for n, s in hparams.specs.items() if s.read_in_forward]
+        self._reads_seen: set[str] = set()
         self._dropouts = list({id(m): m for m in module.modules() if isinstance(m, HyperDropout)}.values())
         for drop in self._dropouts:
             drop.attach(hparams)
@@ -94,30 +118,6 @@ class HyperModel(nn.Module):
         self._layout_seen = False  # a pass with per-example rows has run through
         self._intercept_rates = False  # a tuned dropout's rate is read as a float (attention)
         self._sequence_first = _sequence_first_site(module)
-        self._penalties = []
-        for name, paths in plan.weight_decay.items():
-            spec = plan.specs[name]
-            assert isinstance(spec, WeightDecay)
-            hyper, plain = [], []
-            for path in paths:
-                m = module.get_submodule(path) if path else module
-                if isinstance(m, HyperLayer):
-                    hyper.append(m)
-                else:
-                    plain.append(m.weight)
-                    if spec.include_bias and isinstance(getattr(m, "bias", None), nn.Parameter):
-                        plain.append(m.bias)
-            self._penalties.append(WeightDecayPenalty(name, hyper, plain, spec.include_bias))
-        self._activation_penalties: list[ActivationPenalty] = []
-        self._hook_handles: list[Any] = []
-        for name, paths in plan.activation_penalties.items():
-            spec = plan.specs[name]
-            time_dim = spec.time_dim if isinstance(spec, TemporalActivationRegularization) else None
-            penalty = ActivationPenalty(name, time_dim)
-            self._activation_penalties.append(penalty)
-            for path in paths:
-                m = module.get_submodule(path) if path else module
-                self._hook_handles.append(m.register_forward_hook(penalty.hook))
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -148,8 +148,48 @@ class HyperModel(nn.Module):
             dtype=ref.dtype if ref is not None else None,
             device=ref.device if ref is not None else None,
         )
-        root = surgery.apply(model, plan, len(space))
-        return cls(root, space, plan)
+        installed = surgery.apply(model, plan, len(space))
+        wrapped = cls(installed.root, space, plan, installed)
+        if wrapped._untuned:
+            coverage = wrapped.coverage()
+            if any(why != "excluded" and why != "not selected by targets" for why in coverage.untuned.values()):
+                notice(f"hypertune: {coverage} (see HyperModel.coverage())")
+        return wrapped
+
+    def coverage(self) -> Coverage:
+        """Which weight-bearing modules stay w₀ (and why), and the share of weights tuned."""
+        theta = {id(p) for p in self.response_parameters()}
+        tuned: set[int] = set()
+        for layer in self.hyper_layers().values():
+            tuned.update(id(p) for p in layer.parameters() if id(p) not in theta)
+        base = self.base_parameters()
+        total = sum(p.numel() for p in base)
+        covered = sum(p.numel() for p in base if id(p) in tuned)
+        return Coverage(covered / total if total else 0.0, dict(self._untuned))
+
+    def unreached_layers(self, called: set[str]) -> list[str]:
+        """Hyper-layers whose response no called layer carries: a layer never called is fine
+        when it shares its response with one that was (tied weights, e.g. T5's ``shared``)."""
+        reached = {id(layer.hyper_projection) for path, layer in self.hyper_layers().items() if path in called}
+        return [
+            path for path, layer in self.hyper_layers().items()
+            if path not in called and id(layer.hyper_projection) not in reached
+        ]
+
+    def describe_hparams(self) -> dict[str, dict[str, Any]]:
+        """Per tuned value: its kind, its spec (serialized) and where it acts; valid for
+        ``unwrap()`` and for a fresh instance of the same architecture."""
+        meta: dict[str, dict[str, Any]] = {}
+        for name, spec in self.hparams.specs.items():
+            kind = kind_of(name, spec)
+            entry: dict[str, Any] = {"kind": kind}
+            if kind != "augmentation":
+                entry["spec"] = spec.to_json()
+            if spec.log or spec.plot_log:
+                entry["log"] = True
+            entry.update(self._where.get(name, {}))
+            meta[name] = entry
+        return meta
 
     # ---- parameters by role ------------------------------------------------------------------
     def hyper_layers(self) -> dict[str, HyperLayer]:
@@ -212,18 +252,21 @@ class HyperModel(nn.Module):
             else:
                 if point.rows > 1:
                     self._layout_seen = True
+                if self.training and self._read_in_forward:
+                    self._reads_seen |= point.values_read()
                 return out
             # run the pass again: undo what the interrupted pass left behind
             for buf, value in saved or ():
                 buf.copy_(value)
-            for penalty in self._activation_penalties:
+            for penalty in self._collectors:
                 penalty.outputs.clear()
 
     def _run(self, point: Perturbation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         intercept = self._intercept_rates and point.rows > 1
         with context.active(point), (TunedRateCalls() if intercept else nullcontext()):
-            if self.training and args and torch.is_tensor(args[0]) and args[0].is_floating_point():
-                args = (self._transform_input(args[0], point), *args[1:])
+            if self.training:
+                for transform in self._input_transforms:
+                    args, kwargs = transform((args, kwargs), point)
             out = self.module(*args, **kwargs)
         if point.rows > 1:
             unused = [d.hyper_path for d in self._dropouts if d.read_but_unused(point)]
@@ -262,14 +305,10 @@ class HyperModel(nn.Module):
             for buf in m.buffers()
         ]
 
-    def _transform_input(self, x: Tensor, point: Perturbation) -> Tensor:
-        """Training-only input regularizers: augmentations in order, then input dropout."""
-        for name, aug in self._augmentations:
-            values = {sub: point.value(f"{name}:{sub}") for sub in aug.hparams()}
-            x = aug.apply(x, values)
-        if self._input_dropout is not None:
-            x = dropout_per_example(x, point.value(self._input_dropout), 0, "input dropout")
-        return x
+    def unread_hparams(self) -> list[str]:
+        """Generic values (read with hypertune.hparam) that no training pass has read so far:
+        tuning them would change nothing, so the optimizer's first step refuses them."""
+        return [n for n in self._read_in_forward if n not in self._reads_seen]
 
     def batch_rows(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> int:
         """Number of examples in a batch: the leading dimension of its first tensor."""
@@ -284,19 +323,19 @@ class HyperModel(nn.Module):
     @contextmanager
     def collecting_activations(self) -> Iterator[None]:
         """Let AR/TAR hooks record outputs for the training penalty of the enclosed pass."""
-        for penalty in self._activation_penalties:
+        for penalty in self._collectors:
             penalty.outputs.clear()
             penalty.collecting = True
         try:
             yield
         finally:
-            for penalty in self._activation_penalties:
+            for penalty in self._collectors:
                 penalty.collecting = False
 
     def training_penalty(self, point: Perturbation) -> Tensor | None:
         """Sum of tuned training-only penalties, per perturbation row; ``None`` if there are none."""
         total: Tensor | None = None
-        for penalty in [*self._penalties, *self._activation_penalties]:
+        for penalty in self._penalties:
             term = penalty(point)
             total = term if total is None else total + term
         return total
@@ -309,14 +348,23 @@ class HyperModel(nn.Module):
     def unwrap(self) -> nn.Module:
         """Return the plain module with tuned values baked in; this HyperModel is then spent.
 
-        Hyper-layers become their torch classes again with the same w₀ Parameters (plain STN first
-        folds Θ at λ₀ into them), tuned dropouts become plain dropouts at the final rate, and a
-        tuned input dropout becomes a forward pre-hook. Tuned weight decay has no module form:
-        read it from :meth:`hparam_values`, like tuned AR/TAR coefficients (their hooks are
-        removed).
+        Hyper-layers become their own classes again with the same w₀ Parameters (plain STN first
+        folds Θ at λ₀ into them, once per weight: a tied weight is folded once), tuned dropouts
+        become plain dropouts at the final rate, and a tuned input dropout becomes a forward
+        pre-hook: each kind's fixed form at its final value. Tuned weight decay has no module
+        form: read it from :meth:`hparam_values`, like tuned AR/TAR coefficients (their hooks are
+        removed). Calling it again returns the same module.
         """
+        if self._unwrapped:
+            return self._unwrapped[0]
         values = self.hparam_values()
         lam = self.hparams.unconstrained.detach()
+        if not self.centered:
+            baked: set[int] = set()
+            for layer in self.hyper_layers().values():
+                if id(layer.hyper_projection) not in baked:
+                    baked.add(id(layer.hyper_projection))
+                    layer.bake(lam)
         for handle in self._hook_handles:
             handle.remove()
         root = self.module
@@ -325,8 +373,6 @@ class HyperModel(nn.Module):
             new: nn.Module | None = replaced.get(id(module))
             if new is None:
                 if isinstance(module, HyperLayer):
-                    if not self.centered:
-                        module.bake(lam)
                     new = module.to_module()
                 elif isinstance(module, HyperDropout):
                     new = module.to_module(values[module.hparam])
@@ -337,7 +383,8 @@ class HyperModel(nn.Module):
                 root = new
             else:
                 surgery.set_submodule(root, path, new)
-        if self._input_dropout is not None:
-            root.register_forward_pre_hook(InputDropoutHook(values[self._input_dropout]))
-        self._unwrapped = True
+        for name, spec in self.hparams.specs.items():
+            if spec.baked_by_unwrap:
+                spec.fixed_form(root, self._where.get(name, {}), values[name])
+        self._unwrapped.append(root)
         return root

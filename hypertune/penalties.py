@@ -28,6 +28,24 @@ class WeightDecayPenalty:
     plain: list[nn.Parameter]
     include_bias: bool = False
 
+    def __post_init__(self) -> None:
+        # A weight tied across modules is one weight: counted once. Tied hyper-layers share
+        # one response, so one of them measures ||w(δλ)||² for all.
+        seen: set[int] = set()
+        layers: list[HyperLayer] = []
+        for layer in self.layers:
+            ids = {id(p) for p in layer.decayed_parameters(self.include_bias)}
+            if ids & seen:
+                continue
+            seen |= ids
+            layers.append(layer)
+        plain: list[nn.Parameter] = []
+        for w in self.plain:
+            if id(w) not in seen:
+                seen.add(id(w))
+                plain.append(w)
+        self.layers, self.plain = layers, plain
+
     def __call__(self, p: Perturbation) -> Tensor:
         sq: Tensor | None = None
         for layer in self.layers:

@@ -13,19 +13,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .history import History
+from .kinds.base import kind_class
 from .schedule import Schedule, guess_kind, spec_kind
 
 if TYPE_CHECKING:
     from .model import HyperModel
 
-_TITLES = {
-    "dropout": "Dropout rates",
-    "input_dropout": "Dropout rates",
-    "dropconnect": "Dropout rates",
-    "embedding_dropout": "Dropout rates",
-    "weight_decay": "Weight decay",
-    "activation_penalty": "Activation regularization",
-}
+def panel_title(name: str, kind: str) -> str:
+    """The plot panel of tuned value ``name``: its kind's ``panel`` (dropout rates share one,
+    weight decays one, ...), an augmentation's own panel, else a panel of its own."""
+    cls = kind_class(kind)
+    if cls is not None and cls.panel is not None:
+        return cls.panel
+    base = name.split(":")[0]
+    return f"Augmentation: {base}" if kind == "augmentation" else base
+
+
+def _log_kind(kind: str) -> bool:
+    cls = kind_class(kind)
+    return cls is not None and cls.plot_log
 
 
 def _matplotlib() -> Any:
@@ -62,14 +68,7 @@ def group_hparams(
             kind = kinds[n]
         else:
             kind = guess_kind(n)
-        base = n.split(":")[0]
-        if kind in _TITLES:
-            title = _TITLES[kind]
-        elif kind == "augmentation":
-            title = f"Augmentation: {base}"
-        else:
-            title = base
-        groups.setdefault(title, []).append(n)
+        groups.setdefault(panel_title(n, kind), []).append(n)
     return groups
 
 
@@ -172,7 +171,7 @@ def plot_schedule(
             if spec is not None:
                 is_log = _tuned_on_log_scale(spec)
             else:
-                is_log = (kinds or {}).get(n, guess_kind(n)) in ("weight_decay", "activation_penalty")
+                is_log = _log_kind((kinds or {}).get(n, guess_kind(n)))
             log_axis = log_axis and is_log and min(values[n]) > 0
         if log_axis:
             ax.set_yscale("log")

@@ -38,52 +38,25 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .errors import HyperTuneError
+from .errors import HyperTuneError, SpecError
 from .history import History
+from .kinds.base import FixedForm, FixedFormError, HParam, hparam_from_json, kind_class, kind_of
 
 if TYPE_CHECKING:
     from .model import HyperModel
 
 _FORMAT = "hypertune.Schedule"
 _VERSION = 1
-# What a hyperparameter is, which decides how a replay applies it (the first three) and which
-# panel of the schedule plot it goes to.
-KINDS = (
-    "dropout",
-    "input_dropout",
-    "weight_decay",
-    "dropconnect",
-    "embedding_dropout",
-    "activation_penalty",
-    "augmentation",
-    "hparam",
-)
-_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
 def spec_kind(name: str, spec: Any) -> str:
-    """The kind of one tuned value (one of :data:`KINDS`); ``augmentation`` is a sub-value
-    ``"<aug>:<sub>"`` of an Augmentation, ``hparam`` a generic :class:`~hypertune.HParam`."""
-    from . import specs as s
-
-    table = [
-        (s.InputDropout, "input_dropout"),
-        (s.DropoutRate, "dropout"),
-        (s.WeightDecay, "weight_decay"),
-        (getattr(s, "DropConnect", None), "dropconnect"),
-        (getattr(s, "EmbeddingDropout", None), "embedding_dropout"),
-        (getattr(s, "ActivationRegularization", None), "activation_penalty"),
-    ]
-    for cls, kind in table:
-        if cls is not None and isinstance(spec, cls):
-            return kind
-    if ":" in name:
-        return "augmentation"
-    return "hparam"
+    """The serialized kind of one tuned value (its spec class's ``kind``); ``augmentation`` is a
+    sub-value ``"<aug>:<sub>"`` of an Augmentation."""
+    return kind_of(name, spec)
 
 
 def guess_kind(name: str) -> str:
-    """A kind from the name alone, for histories read without their model."""
+    """A kind from the name alone, only for data saved without one (old files, bare CSVs)."""
     base = name.split(":")[0].lower()
     if "input" in base and "drop" in base:
         return "input_dropout"
@@ -100,35 +73,23 @@ def guess_kind(name: str) -> str:
     return "augmentation" if ":" in name else "hparam"
 
 
+def spec_from_meta(name: str, meta: Mapping[str, Any]) -> HParam | None:
+    """The spec a schedule entry was tuned with: saved with it, or (older files, which saved only
+    a kind) that kind's defaults; None where neither exists."""
+    if "spec" in meta:
+        return hparam_from_json(meta["spec"])
+    cls = kind_class(str(meta.get("kind", guess_kind(name))))
+    if cls is None:
+        return None
+    try:
+        return cls()  # type: ignore[call-arg]
+    except (TypeError, SpecError):
+        return None
+
+
 def describe_hparams(model: HyperModel) -> dict[str, dict[str, Any]]:
-    """Per tuned value: its kind and where it acts in the wrapped model.
-
-    ``modules`` are the paths (relative to the user's module) of the dropout modules a dropout
-    rate drives; ``params`` are the names of the parameters a weight decay penalises. Both stay
-    valid for ``model.unwrap()`` and for a fresh instance of the same architecture.
-    """
-    from .layers import HyperDropout
-
-    hm = model
-    specs = hm.hparams.specs
-    meta: dict[str, dict[str, Any]] = {}
-    for name, spec in specs.items():
-        entry: dict[str, Any] = {"kind": spec_kind(name, spec)}
-        if getattr(spec, "log", False) or entry["kind"] == "weight_decay":
-            entry["log"] = True
-        meta[name] = entry
-    for path, module in hm.module.named_modules(remove_duplicate=False):
-        if isinstance(module, HyperDropout) and module.hparam in meta:
-            meta[module.hparam].setdefault("modules", []).append(path)
-    names = {id(p): n for n, p in hm.module.named_parameters(remove_duplicate=False)}
-    # The penalties are the exact set of weights each WeightDecay spec penalises.
-    for penalty in getattr(hm, "_penalties", []):
-        params: list[str] = []
-        for layer in penalty.layers:
-            params.extend(names[id(p)] for p in layer.decayed_parameters(penalty.include_bias))
-        params.extend(names[id(p)] for p in penalty.plain)
-        meta[penalty.hparam]["params"] = sorted(set(params), key=params.index)
-    return meta
+    """Per tuned value: its kind, its spec and where it acts (see HyperModel.describe_hparams)."""
+    return model.describe_hparams()
 
 
 @dataclass
@@ -314,20 +275,22 @@ class Schedule:
 class ScheduleReplayer:
     """Drive a plain model's regularizers from a :class:`Schedule`, in the user's own loop.
 
-    ``apply(step)`` sets, for that train step,
+    Each tuned value is applied by its kind's fixed form (the same one ``unwrap`` and untuned
+    baselines use). ``apply(step)`` sets, for that train step,
 
     * ``p`` of every dropout module a ``dropout`` value drives (by module path);
     * the rate of the input dropout (the forward pre-hook ``HyperModel.unwrap`` installs, added
-      if the model has none);
+      if the model has none); the rate of word dropout on embeddings (a forward hook);
     * ``weight_decay`` of the optimizer's param groups tagged ``"hparam": name`` — build the
       optimizer from :meth:`param_groups` so exactly the weights Δ-STN penalised are decayed
       (biases are not, unless the spec said ``include_bias``). torch's coupled ``weight_decay``
       (SGD, Adam, RMSprop) adds ``c·w`` to the gradient, the same as Δ-STN's ``c/2·‖w‖²`` loss
       term; decoupled AdamW is *not* the same — add :meth:`penalty` to the loss instead;
+    * AR/TAR coefficients, whose terms :meth:`penalty` returns;
 
-    and returns all current values, so values it cannot place (``unapplied``: DropConnect, word
-    dropout, AR/TAR coefficients, augmentation and generic ``HParam`` values, which have no plain
-    torch module form) can be used by the caller.
+    and returns all current values, so values it cannot place (``unapplied``: DropConnect,
+    augmentation and generic ``HParam`` values, which have no plain torch form) can be used by
+    the caller.
 
     Args:
         schedule: the schedule, with ``meta`` saying where values act (JSON keeps it).
@@ -354,72 +317,48 @@ class ScheduleReplayer:
         self.schedule = schedule
         self.model = model
         self.optimizer = optimizer
-        self.dropouts: dict[str, list[nn.Module]] = {}
-        self.input_dropout: str | None = None
-        self.weight_decays: dict[str, list[nn.Parameter]] = {}
+        self.forms: dict[str, FixedForm] = {}
         self.unapplied: list[str] = []
         self.values: dict[str, float] = {}
         overrides = {n: list(p) for n, p in (modules or {}).items()}
         problems: list[str] = []
-        params = dict(model.named_parameters(remove_duplicate=False))
+        first = schedule.initial()
         for name in schedule.names:
-            meta = schedule.meta.get(name, {})
-            kind = meta.get("kind", guess_kind(name))
-            if kind == "dropout":
-                paths = overrides.get(name, meta.get("modules"))
-                if not paths:
-                    problems.append(
-                        f"{name!r}: the schedule does not say which dropout modules it drives; export "
-                        "it with Schedule.from_optimizer(opt) (JSON keeps that) or pass "
-                        f"modules={{{name!r}: [paths]}}"
-                    )
-                    continue
-                found: list[nn.Module] = []
-                for path in paths:
-                    try:
-                        m = model.get_submodule(path) if path else model
-                    except AttributeError:
-                        problems.append(f"{name!r}: the model has no module {path!r}")
-                        continue
-                    if not isinstance(m, _DROPOUT_TYPES):
-                        problems.append(
-                            f"{name!r}: module {path!r} is a {type(m).__name__}, not nn.Dropout/1d/2d/3d"
-                        )
-                        continue
-                    found.append(m)
-                self.dropouts[name] = found
-            elif kind == "input_dropout":
-                self.input_dropout = name
-            elif kind == "weight_decay":
-                names = meta.get("params")
-                if not names:
-                    problems.append(
-                        f"{name!r}: the schedule does not say which weights it decays; export it with "
-                        "Schedule.from_optimizer(opt)"
-                    )
-                    continue
-                missing = [n for n in names if n not in params]
-                if missing:
-                    problems.append(f"{name!r}: the model has no parameter(s) {missing[:5]}")
-                    continue
-                self.weight_decays[name] = [params[n] for n in names]
+            meta = dict(schedule.meta.get(name, {}))
+            if name in overrides:
+                meta["modules"] = overrides[name]
+            spec = spec_from_meta(name, meta)
+            try:
+                form = spec.fixed_form(model, meta, first[name]) if spec is not None else None
+            except FixedFormError as err:
+                problems.extend(f"{name!r}: {p}" for p in err.problems)
+                continue
+            if form is not None:
+                self.forms[name] = form
+            elif spec is not None and spec.kind == "dropout":
+                problems.append(
+                    f"{name!r}: the schedule does not say which dropout modules it drives; export "
+                    "it with Schedule.from_optimizer(opt) (JSON keeps that) or pass "
+                    f"modules={{{name!r}: [paths]}}"
+                )
+            elif spec is not None and spec.kind == "weight_decay":
+                problems.append(
+                    f"{name!r}: the schedule does not say which weights it decays; export it with "
+                    "Schedule.from_optimizer(opt)"
+                )
             else:
                 self.unapplied.append(name)
         if problems:
+            for form in self.forms.values():
+                form.remove()
             raise HyperTuneError(
                 "the schedule does not fit this model:\n  - " + "\n  - ".join(problems)
             )
-        self._hook = self._find_input_hook() if self.input_dropout else None
 
-    def _find_input_hook(self) -> Any:
-        from .model import InputDropoutHook
-
-        for hook in self.model._forward_pre_hooks.values():
-            if isinstance(hook, InputDropoutHook):
-                return hook
-        hook = InputDropoutHook(self.schedule.initial()[self.input_dropout])  # type: ignore[index]
-        self.model.register_forward_pre_hook(hook)
-        return hook
+    @property
+    def weight_decays(self) -> dict[str, list[nn.Parameter]]:
+        """Per weight-decay value, the weights it decays."""
+        return {n: f.decayed_parameters() for n, f in self.forms.items() if f.decayed_parameters()}
 
     def param_groups(self, **group_defaults: Any) -> list[dict[str, Any]]:
         """Param groups for the user's optimizer: one per weight decay (tagged ``"hparam"``),
@@ -439,39 +378,42 @@ class ScheduleReplayer:
     def apply(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
         """Set the model (and optimizer) to the schedule's values at train step ``step``."""
         values = self.schedule.at(step)
-        for name, modules in self.dropouts.items():
-            for m in modules:
-                m.p = float(values[name])
-        if self._hook is not None:
-            self._hook.rate = float(values[self.input_dropout])  # type: ignore[index]
         optimizer = optimizer if optimizer is not None else self.optimizer
-        if optimizer is not None and self.weight_decays:
+        decays = self.weight_decays
+        if optimizer is not None and decays:
             tagged = {g.get("hparam") for g in optimizer.param_groups}
-            missing = [n for n in self.weight_decays if n not in tagged]
+            missing = [n for n in decays if n not in tagged]
             if missing:
                 raise HyperTuneError(
                     f"the optimizer has no param group tagged 'hparam' for {missing}: build it from "
                     "replayer.param_groups(), or pass no optimizer and add replayer.penalty() to the loss"
                 )
+        for name, form in self.forms.items():
+            form.set_value(values[name])
+        if optimizer is not None and decays:
             for group in optimizer.param_groups:
                 name = group.get("hparam")
-                if name in self.weight_decays:
+                if name in decays:
                     group["weight_decay"] = float(values[name])
         self.values = values
         return dict(values)
 
     def penalty(self) -> Tensor:
-        """``Σ c/2·‖w‖²`` over the scheduled weight decays at the last applied values (a loss term,
-        exactly Δ-STN's training penalty; use it instead of optimizer weight decay if you like)."""
-        values = self.values or self.schedule.initial()
+        """The scheduled training-loss terms at the last applied values: ``Σ c/2·‖w‖²`` over the
+        weight decays (exactly Δ-STN's penalty; use it instead of optimizer weight decay if you
+        like) plus the AR/TAR terms of the training passes since the last call."""
+        if not self.values:
+            for name, form in self.forms.items():
+                form.set_value(self.schedule.initial()[name])
         total: Tensor | None = None
-        for name, params in self.weight_decays.items():
-            term = 0.5 * values[name] * sum(p.pow(2).sum() for p in params)
-            total = term if total is None else total + term
+        for form in self.forms.values():
+            term = form.penalty()
+            if term is not None:
+                total = term if total is None else total + term
         if total is None:
             ref = next(self.model.parameters(), None)
             return torch.zeros((), device=ref.device if ref is not None else None)
-        return total  # type: ignore[return-value]
+        return total
 
 
 def schedule_table(schedule: Schedule, every: int = 1) -> Iterable[tuple[int, dict[str, float]]]:

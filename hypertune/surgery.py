@@ -2,139 +2,201 @@
 
 Validation walks the whole model and collects every problem before anything changes (opacus'
 validators), so a refused wrap leaves the model exactly as it was; swaps then touch leaves only
-(peft's ``inject_adapter``), keeping shared modules shared.
+(peft's ``inject_adapter``), keeping shared modules shared. What each module becomes is decided by
+the layer-kind registry (:mod:`hypertune.layers.registry`), each kind with its own checks; what
+each hyperparameter acts on is decided by its kind's ``claim`` (:mod:`hypertune.kinds`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
+from typing import Any
 
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .augment.base import Augmentation
 from .errors import WrapError
-from .layers.base import carry_hooks
-from .layers import (
-    HyperConv1d,
-    HyperConv2d,
-    HyperConv3d,
-    HyperDropout,
-    HyperEmbedding,
-    HyperLayer,
-    HyperLinear,
-    HyperLSTM,
-)
-from .specs import (
-    ActivationRegularization,
-    DropConnect,
-    DropoutRate,
-    EmbeddingDropout,
-    HParam,
-    InputDropout,
-    Target,
-    VariationalDropout,
-    WeightDecay,
-)
+from .kinds.augmentation import AugmentationKind
+from .kinds.base import Claim, HParam, Installation, WrapSites
+from .kinds.dropout import DROPOUTS, is_dropout_site
+from .layers import HyperDropout, HyperLayer
+from .layers import registry
+from .sites import Site, Target, as_targets, describe, is_exact_path, selects, sites_of
 
-HYPER_LAYERS: dict[type[nn.Module], type[HyperLayer]] = {
-    nn.Linear: HyperLinear,
-    nn.Conv1d: HyperConv1d,
-    nn.Conv2d: HyperConv2d,
-    nn.Conv3d: HyperConv3d,
-    nn.Embedding: HyperEmbedding,
-    nn.LSTM: HyperLSTM,
-}
-# Dropout type -> number of trailing axes that share one mask entry.
-DROPOUTS: dict[type[nn.Module], int] = {
-    nn.Dropout: 0,
-    nn.Dropout1d: 1,
-    nn.Dropout2d: 2,
-    nn.Dropout3d: 3,
-}
+__all__ = ["DROPOUTS", "LayerPlan", "SurgeryPlan", "plan", "apply", "lifecycle", "set_submodule"]
+
 _DISTRIBUTED = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
 
-
-def _matches(path: str, module: nn.Module, selectors: Sequence[Target]) -> bool:
-    for sel in selectors:
-        if isinstance(sel, str):
-            if fnmatchcase(path, sel):
-                return True
-        elif isinstance(module, sel):
-            return True
-    return False
+# Modules that read their children's weights without calling them (so a hyper-layer's forward
+# would never run and its Θ never learn): nn.MultiheadAttention, and torchvision's Swin window
+# attention, which passes qkv.weight / proj.weight to a functional kernel. Matched by class name
+# so torchvision need not be imported. Their children stay w₀, named in the wrap notice.
+FUNCTIONAL_WEIGHT_USERS = {"ShiftedWindowAttention", "ShiftedWindowAttentionV2", "ShiftedWindowAttention3d"}
 
 
-def _is_exact_path(selector: Target) -> bool:
-    return isinstance(selector, str) and not any(c in selector for c in "*?[")
+def uses_weights_functionally(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__ in FUNCTIONAL_WEIGHT_USERS
 
 
-def _describe(path: str, module: nn.Module) -> str:
-    return f"'{path or '<root>'}' ({type(module).__name__})"
+def _inside(path: str, parents: list[str]) -> bool:
+    return any(path.startswith(a + ".") or (a == "" and path) for a in parents)
+
+
+def lifecycle(spec: HParam | Augmentation) -> Any:
+    """The object whose claim/install a spec's kind runs: the spec itself, or an adapter."""
+    return AugmentationKind(spec) if isinstance(spec, Augmentation) else spec
+
+
+def _weight_bearing(module: nn.Module) -> bool:
+    """Holds a matrix or filter of its own (norms' 1-d scales are not counted)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return True
+    return any(
+        isinstance(p, nn.parameter.UninitializedParameter) or p.dim() >= 2
+        for p in module.parameters(recurse=False)
+    )
 
 
 @dataclass
-class Site:
-    """One module object and every path it is reachable at (shared modules have several)."""
+class LayerPlan:
+    """One module that becomes a hyper-layer of ``kind``; ``tied_to`` indexes the plan entry
+    whose weight Parameter it shares (that entry owns the one response)."""
 
-    module: nn.Module
-    paths: list[str]
-
-    @property
-    def path(self) -> str:
-        return self.paths[0]
+    site: Site
+    kind: type[HyperLayer]
+    modulated_dim: int | None = None
+    tied_to: int | None = None
 
 
 @dataclass
 class SurgeryPlan:
     """What ``apply`` will do; built by ``plan`` only when the model passed validation."""
 
-    layers: list[Site] = field(default_factory=list)
-    dropouts: list[tuple[Site, str]] = field(default_factory=list)
+    layer_plans: list[LayerPlan] = field(default_factory=list)
+    # spec name -> its claim, and the object that claimed (the spec, or an adapter)
+    claims: dict[str, Claim] = field(default_factory=dict)
+    kinds: dict[str, Any] = field(default_factory=dict)
+    # tuned value name -> its spec (what λ holds)
     specs: dict[str, HParam] = field(default_factory=dict)
-    # hyperparameter name -> paths of modules whose weights it penalises
-    weight_decay: dict[str, list[str]] = field(default_factory=dict)
-    input_dropout: str | None = None
-    augmentations: list[tuple[str, Augmentation]] = field(default_factory=list)
-    # (hyper-layer path, attribute, hyperparameter name): weight regularizers read in the layer
-    layer_regularizers: list[tuple[str, str, str]] = field(default_factory=list)
-    # hyperparameter name -> paths of modules whose outputs it penalises (AR/TAR)
-    activation_penalties: dict[str, list[str]] = field(default_factory=dict)
+    # weight-bearing modules left as w₀ -> why
+    untuned: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[Site]:
+        return [lp.site for lp in self.layer_plans]
 
 
-def _sites(model: nn.Module) -> list[Site]:
-    by_id: dict[int, Site] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        site = by_id.get(id(module))
-        if site is None:
-            by_id[id(module)] = Site(module, [path])
-        else:
-            site.paths.append(path)
-    return list(by_id.values())
+def _choose_layers(
+    sites: list[Site], explicit: tuple | None, exclude: tuple, problems: list[str], untuned: dict[str, str]
+) -> list[LayerPlan]:
+    functional = [s.path for s in sites if uses_weights_functionally(s.module)]
+    matched_selectors: set[int] = set()
+    chosen: list[LayerPlan] = []
+    for site in sites:
+        path, module = site.path, site.module
+        if isinstance(module, parametrize.ParametrizationList):
+            continue  # a parametrized module's internals: the module itself is the site
+        bearing = _weight_bearing(module)
+        if selects(site, exclude):
+            if bearing:
+                untuned[path] = "excluded"
+            continue
+        named = False
+        if explicit is not None:
+            hits = [i for i, sel in enumerate(explicit) if selects(site, (sel,))]
+            if not hits:
+                if bearing:
+                    untuned[path] = "not selected by targets"
+                continue
+            matched_selectors.update(hits)
+            # A broad selection ("enc.*", nn.Linear) also meets containers, activations, norms
+            # and dropouts: they keep training as w₀. A module named exactly is meant, so it is
+            # checked and refused if it cannot become a hyper-layer.
+            named = any(is_exact_path(explicit[i]) for i in hits)
+        found = registry.match(module)
+        if _inside(path, functional):
+            parent = next(a for a in functional if _inside(path, [a]))
+            if named and found is not None:
+                owner = type(sites_at(sites, parent)).__name__
+                problems.append(
+                    f"{describe(path, module)} belongs to {owner} '{parent or '<root>'}', which uses its "
+                    "weights without calling it: remove it from targets"
+                )
+            elif bearing:
+                untuned[path] = f"its weights are used functionally by '{parent or '<root>'}'"
+            continue
+        if found is None and uses_weights_functionally(module):
+            if bearing:
+                untuned[path] = "attention computed from its weights functionally"
+            continue
+        if found is None:
+            if named and not list(module.children()) and not is_dropout_site(module):
+                problems.append(
+                    f"{describe(path, module)} was selected by targets (by its exact path) but no layer "
+                    f"kind handles {type(module).__name__}: register one with hypertune.register_layer_kind, "
+                    "or remove it from targets"
+                )
+            elif bearing and list(module.children()):
+                own = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+                untuned[path] = f"holds {', '.join(own)} used directly by its forward"
+            elif bearing:
+                untuned[path] = f"no layer kind handles {type(module).__name__} (hypertune.register_layer_kind)"
+            continue
+        if found.kind is None:
+            if named:
+                problems.append(f"{describe(path, module)} was selected by targets but is a {found.reason}")
+            elif bearing:
+                untuned[path] = found.reason
+            continue
+        reasons = found.kind.check(module)
+        if reasons:
+            problems.extend(f"{describe(path, module)} {r}" for r in reasons)
+            continue
+        chosen.append(LayerPlan(site, found.kind))
+    if explicit is not None:
+        for i, sel in enumerate(explicit):
+            if i not in matched_selectors:
+                problems.append(f"targets entry {sel!r} matches no module: check the module paths")
+    return chosen
 
 
-# Modules that read their children's weights without calling them (so a hyper-layer's forward
-# would never run and its Θ never learn): nn.MultiheadAttention, and torchvision's Swin window
-# attention, which passes qkv.weight / proj.weight to a functional kernel. Matched by class name
-# so torchvision need not be imported.
-_FUNCTIONAL_WEIGHT_USERS = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+def sites_at(sites: list[Site], path: str) -> nn.Module:
+    return next(s.module for s in sites if path in s.paths)
 
 
-def _uses_weights_functionally(module: nn.Module) -> bool:
-    return isinstance(module, nn.MultiheadAttention) or type(module).__name__ in _FUNCTIONAL_WEIGHT_USERS
-
-
-def _inside_attention(path: str, attention_paths: list[str]) -> bool:
-    return any(path.startswith(a + ".") or (a == "" and path) for a in attention_paths)
+def _tie(layers: list[LayerPlan], problems: list[str]) -> None:
+    """Give layers sharing one weight Parameter one response (the first is its owner)."""
+    groups: dict[int, list[int]] = {}
+    for i, lp in enumerate(layers):
+        w = lp.site.module._parameters.get("weight")
+        if w is not None:
+            groups.setdefault(id(w), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        kinds = [layers[i].kind for i in members]
+        common = [d for d in kinds[0].modulated_dims if all(d in k.modulated_dims for k in kinds)]
+        if not common:
+            names = ", ".join(describe(layers[i].site.path, layers[i].site.module) for i in members)
+            problems.append(
+                f"{names} share one weight, but their layer kinds cannot share one response: add all "
+                "but one to exclude"
+            )
+            continue
+        shape = layers[members[0]].site.module.weight.shape
+        dim = min(common, key=lambda d: shape[d])  # the smaller modulation is the cheaper one
+        for n, i in enumerate(members):
+            layers[i].modulated_dim = dim
+            layers[i].tied_to = members[0] if n else None
 
 
 def plan(
     model: nn.Module,
     specs: dict[str, HParam | Augmentation],
-    targets: Sequence[Target] | None = None,
-    exclude: Sequence[Target] | None = None,
+    targets: Sequence[Target | nn.Module] | None = None,
+    exclude: Sequence[Target | nn.Module] | None = None,
 ) -> SurgeryPlan:
     """Validate ``model`` against ``specs``; return the plan or raise one WrapError listing all."""
     if type(model).__name__ in _DISTRIBUTED:
@@ -145,276 +207,49 @@ def plan(
             ]
         )
     problems: list[str] = []
-    sites = _sites(model)
-    exclude = tuple(exclude or ())
-    explicit = tuple(targets) if targets is not None else None
-    attention = [p for p, m in model.named_modules() if _uses_weights_functionally(m)]
-    result = SurgeryPlan()
-
+    explicit = as_targets(targets, "HyperModel.wrap: targets", modules_allowed=True)
+    excluded = as_targets(exclude, "HyperModel.wrap: exclude", modules_allowed=True) or ()
+    sites = sites_of(model)
     for site in sites:
         if isinstance(site.module, (HyperLayer, HyperDropout)):
             problems.append(
-                f"{_describe(site.path, site.module)} is already a hyper-module: the model was wrapped "
+                f"{describe(site.path, site.module)} is already a hyper-module: the model was wrapped "
                 "before; use the existing HyperModel or wrap the original model"
             )
     if problems:
         raise WrapError(problems)
 
-    # -- hyper-layers ----------------------------------------------------------------------
-    matched_selectors: set[int] = set()
-    layer_types = tuple(HYPER_LAYERS)
-    for site in sites:
-        path, module = site.path, site.module
-        if any(_matches(p, module, exclude) for p in site.paths):
-            continue
-        if explicit is not None:
-            hits = [i for i, sel in enumerate(explicit) if any(_matches(p, module, (sel,)) for p in site.paths)]
-            if not hits:
-                continue
-            matched_selectors.update(hits)
-            # A broad selection ("enc.*", nn.Linear) also meets containers, activations, norms,
-            # dropouts and MultiheadAttention's projections: they keep training as w₀ (dropouts
-            # are governed by DropoutRate specs). A module named by its exact path is meant,
-            # so it is checked below and refused if it cannot become a hyper-layer.
-            named = any(_is_exact_path(explicit[i]) for i in hits)
-            if not named and (not isinstance(module, layer_types) or _inside_attention(path, attention)):
-                continue
-            if named and not isinstance(module, layer_types):
-                if list(module.children()) or type(module) in DROPOUTS:
-                    continue
-                problems.append(
-                    f"{_describe(path, module)} was selected by targets (by its exact path) but only "
-                    f"{', '.join(t.__name__ for t in HYPER_LAYERS)} can become hyper-layers: remove it "
-                    "from targets"
-                )
-                continue
-        elif not isinstance(module, layer_types) or _inside_attention(path, attention):
-            # MultiheadAttention reads its projections' weights without calling them; they keep
-            # training as ordinary w₀ parameters.
-            continue
-        if _inside_attention(path, attention):
-            problems.append(
-                f"{_describe(path, module)} belongs to nn.MultiheadAttention, which uses its weights "
-                "without calling it: remove it from targets"
-            )
-            continue
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-            problems.append(
-                f"{_describe(path, module)} has uninitialized lazy parameters: run one forward pass "
-                "before wrapping"
-            )
-            continue
-        if parametrize.is_parametrized(module):
-            problems.append(
-                f"{_describe(path, module)} has a parametrization (weight is computed, not a Parameter): "
-                "remove the parametrization or add the module to exclude"
-            )
-            continue
-        if type(module) not in HYPER_LAYERS:
-            if explicit is not None:
-                problems.append(
-                    f"{_describe(path, module)} was selected by targets but only "
-                    f"{', '.join(t.__name__ for t in HYPER_LAYERS)} (exact types, whose forward "
-                    "hypertune knows) can become hyper-layers: narrow targets or add it to exclude"
-                )
-            # A subclass may override forward; by default it keeps training as plain w₀.
-            continue
-        if isinstance(module, nn.Embedding) and module.max_norm is not None:
-            problems.append(
-                f"{_describe(path, module)} uses max_norm, which rewrites weights during forward: set "
-                "max_norm=None or add the module to exclude"
-            )
-            continue
-        if isinstance(module, nn.LSTM):
-            # its weights are weight_ih_l0, weight_hh_l0, ...: no single `weight`
-            if module.proj_size > 0:
-                problems.append(
-                    f"{_describe(path, module)} uses proj_size={module.proj_size}, which HyperLSTM does "
-                    "not modulate: set proj_size=0 or add the module to exclude"
-                )
-                continue
-            result.layers.append(site)
-            continue
-        if not isinstance(getattr(module, "weight", None), nn.Parameter):
-            problems.append(
-                f"{_describe(path, module)} has no weight Parameter: add it to exclude"
-            )
-            continue
-        result.layers.append(site)
-    if explicit is not None:
-        for i, sel in enumerate(explicit):
-            if i not in matched_selectors:
-                problems.append(f"targets entry {sel!r} matches no module: check the module paths")
-    if not result.layers:
+    result = SurgeryPlan()
+    result.layer_plans = _choose_layers(sites, explicit, excluded, problems, result.untuned)
+    _tie(result.layer_plans, problems)
+    if not result.layer_plans:
         problems.append(
-            "no module can become a hyper-layer (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding or nn.LSTM), so no "
-            "weights could respond to the hyperparameters: check targets/exclude"
+            "no module can become a hyper-layer (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, nn.LSTM or a "
+            "registered layer kind), so no weights could respond to the hyperparameters: check targets/exclude"
         )
-
-    # -- dropout sites -----------------------------------------------------------------------
-    dropout_sites = [s for s in sites if type(s.module) in DROPOUTS]
-    claimed: dict[int, str] = {}
-    default_specs = [n for n, s in specs.items() if isinstance(s, DropoutRate) and s.targets is None]
-    if len(default_specs) > 1:
+    view = WrapSites(sites, result.layers, problems)
+    ordered = sorted(specs.items(), key=lambda item: lifecycle(item[1]).claim_order())
+    claims: dict[str, Claim] = {}
+    defaults = [n for n, s in specs.items() if type(s).__name__ == "DropoutRate" and s.targets is None]  # type: ignore[union-attr]
+    if len(defaults) > 1:
         problems.append(
-            f"DropoutRate specs {default_specs} both claim every dropout module: give all but one "
-            "explicit targets"
+            f"DropoutRate specs {defaults} both claim every dropout module: give all but one explicit targets"
         )
-    explicit_dropout_specs = [
-        (n, s) for n, s in specs.items() if isinstance(s, DropoutRate) and s.targets is not None
-    ]
-    for name, spec in explicit_dropout_specs + [(n, specs[n]) for n in default_specs[:1]]:
-        chosen: list[Site] = []
-        if spec.targets is None:
-            chosen = [s for s in dropout_sites if id(s.module) not in claimed]
-        else:
-            for site in sites:
-                if not any(_matches(p, site.module, spec.targets) for p in site.paths):
-                    continue
-                if type(site.module) in DROPOUTS:
-                    chosen.append(site)
-                elif isinstance(site.module, (nn.AlphaDropout, nn.FeatureAlphaDropout)):
-                    problems.append(
-                        f"hparams[{name!r}] selects {_describe(site.path, site.module)}: alpha dropout "
-                        "is not supported; target nn.Dropout/Dropout1d/2d/3d modules only"
-                    )
-                elif not list(site.module.children()):
-                    problems.append(
-                        f"hparams[{name!r}] selects {_describe(site.path, site.module)}, which is not a "
-                        "dropout module: narrow its targets"
-                    )
-        if not chosen:
-            where = [s.path for s in dropout_sites]
-            problems.append(
-                f"hparams[{name!r}] (DropoutRate) matches no dropout module; the model's dropout "
-                f"modules are {where or 'none'}: add nn.Dropout modules or fix targets"
-            )
+    for name, spec in ordered:
+        if name in defaults[1:]:
             continue
-        for site in chosen:
-            if id(site.module) in claimed:
-                problems.append(
-                    f"{_describe(site.path, site.module)} is claimed by both hparams[{claimed[id(site.module)]!r}] "
-                    f"and hparams[{name!r}]: give each dropout module one spec"
-                )
-                continue
-            claimed[id(site.module)] = name
-            hname = f"{name}:{site.path}" if spec.per_site else name
-            result.dropouts.append((site, hname))
-            result.specs[hname] = spec
-
-    # -- other specs ---------------------------------------------------------------------------
-    for name, spec in specs.items():
-        if isinstance(spec, DropoutRate):
-            continue
-        if isinstance(spec, Augmentation):
-            result.augmentations.append((name, spec))
-            for sub, sub_spec in spec.hparams().items():
-                result.specs[f"{name}:{sub}"] = sub_spec
-            continue
-        result.specs[name] = spec
-        if isinstance(spec, InputDropout):
-            result.input_dropout = name
-        elif isinstance(spec, (DropConnect, EmbeddingDropout)):
-            kind = type(spec).__name__
-            allowed = [
-                site
-                for site in result.layers
-                if isinstance(spec, DropConnect) or isinstance(site.module, nn.Embedding)
-            ]
-            if spec.targets is None:
-                chosen = allowed
-            else:
-                chosen = [
-                    site for site in allowed if any(_matches(p, site.module, spec.targets) for p in site.paths)
-                ]
-            if not chosen:
-                what = "hyper-layer" if isinstance(spec, DropConnect) else "nn.Embedding hyper-layer"
-                problems.append(
-                    f"hparams[{name!r}] ({kind}) matches no {what}: check its targets"
-                )
-            attr = "dropconnect" if isinstance(spec, DropConnect) else "word_dropout"
-            for site in chosen:
-                _claim(result, problems, site, attr, name, f"gets {kind}", "give each layer one")
-        elif isinstance(spec, VariationalDropout):
-            attr = f"{spec.on}_dropout"
-            lstms = [s for s in result.layers if isinstance(s.module, nn.LSTM)]
-            if spec.targets is not None:
-                lstms = [s for s in lstms if any(_matches(p, s.module, spec.targets) for p in s.paths)]
-            chosen, refused = [], len(problems)
-            for site in lstms:
-                lstm = site.module
-                if spec.on == "hidden" and lstm.num_layers < 2:
-                    if spec.targets is not None:
-                        problems.append(
-                            f"hparams[{name!r}] (VariationalDropout, on='hidden') selects "
-                            f"{_describe(site.path, lstm)}, which has one layer and so no hidden state "
-                            "between layers: use on='input' or narrow targets"
-                        )
-                    continue
-                if spec.on == "hidden" and lstm.dropout > 0:
-                    problems.append(
-                        f"{_describe(site.path, lstm)} already drops between layers (dropout={lstm.dropout}), "
-                        f"which hparams[{name!r}] would replace: build the LSTM with dropout=0"
-                    )
-                    continue
-                if _claim(
-                    result, problems, site, attr, name,
-                    f"gets on={spec.on!r} VariationalDropout", "give each LSTM one",
-                ):
-                    chosen.append(site)
-            if not chosen and len(problems) == refused:
-                problems.append(
-                    f"hparams[{name!r}] (VariationalDropout, on={spec.on!r}) matches no nn.LSTM "
-                    f"hyper-layer{' with two or more layers' if spec.on == 'hidden' else ''}: check its targets"
-                )
-        elif isinstance(spec, ActivationRegularization):
-            assert spec.targets is not None
-            paths = [
-                s.path for s in sites if any(_matches(p, s.module, spec.targets) for p in s.paths)
-            ]
-            if not paths:
-                problems.append(
-                    f"hparams[{name!r}] ({type(spec).__name__}) targets {list(spec.targets)} match no "
-                    "module: check the module paths"
-                )
-            result.activation_penalties[name] = paths
-        elif isinstance(spec, WeightDecay):
-            if spec.targets is None:
-                result.weight_decay[name] = [s.path for s in result.layers]
-                continue
-            paths = [
-                s.path
-                for s in sites
-                if any(_matches(p, s.module, spec.targets) for p in s.paths)
-                and (
-                    isinstance(getattr(s.module, "weight", None), nn.Parameter)
-                    or (isinstance(s.module, nn.LSTM) and s in result.layers)
-                )
-            ]
-            if not paths:
-                problems.append(
-                    f"hparams[{name!r}] (WeightDecay) targets {list(spec.targets)} match no module with "
-                    "a weight: check the module paths or types"
-                )
-            result.weight_decay[name] = paths
+        kind = lifecycle(spec)
+        claims[name] = kind.claim(name, view)
+        result.kinds[name] = kind
+    # λ's order (checkpoints store λ by position): dropout rates in claim order, then the rest
+    # in the user's order
+    first = [n for n in claims if getattr(specs[n], "kind", None) == "dropout"]
+    for name in first + [n for n in specs if n in claims and n not in first]:
+        result.claims[name] = claims[name]
+        result.specs.update(claims[name].values)
     if problems:
         raise WrapError(problems)
     return result
-
-
-def _claim(
-    result: SurgeryPlan, problems: list[str], site: Site, attr: str, name: str, what: str, fix: str
-) -> bool:
-    """Give ``site``'s layer regularizer ``attr`` to hyperparameter ``name``, unless another has it."""
-    taken = [n for p, a, n in result.layer_regularizers if p == site.path and a == attr]
-    if taken:
-        problems.append(
-            f"{_describe(site.path, site.module)} {what} from both hparams[{taken[0]!r}] and "
-            f"hparams[{name!r}]: {fix}"
-        )
-        return False
-    result.layer_regularizers.append((site.path, attr, name))
-    return True
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -423,28 +258,16 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply(model: nn.Module, surgery: SurgeryPlan, num_hyper: int) -> nn.Module:
-    """Swap the planned leaves in place; returns the (possibly new) root."""
-    root = model
-    for site in surgery.layers:
-        layer = HYPER_LAYERS[type(site.module)].from_module(site.module, num_hyper, site.path)
-        for path in site.paths:
-            if path == "":
-                root = layer
-            else:
-                set_submodule(model, path, layer)
-    for path, attr, hname in surgery.layer_regularizers:
-        layer = root if path == "" else root.get_submodule(path)
-        layer.__dict__[attr] = hname
-    for site, hname in surgery.dropouts:
-        module = site.module
-        spec = surgery.specs[hname]
-        locked = spec.locked_dim if isinstance(spec, DropoutRate) else None
-        drop = HyperDropout(
-            hname, type(module), DROPOUTS[type(module)], site.path, locked, getattr(module, "inplace", False)
-        )
-        drop.train(module.training)
-        carry_hooks(module, drop)
-        for path in site.paths:
-            set_submodule(model, path, drop)
-    return root
+def apply(model: nn.Module, surgery: SurgeryPlan, num_hyper: int) -> Installation:
+    """Swap the planned layers in place, then install every spec; returns what was installed
+    (its ``root`` is the possibly new top module)."""
+    into = Installation(model)
+    made: list[HyperLayer] = []
+    for lp in surgery.layer_plans:
+        tied = made[lp.tied_to] if lp.tied_to is not None else None
+        layer = lp.kind.from_module(lp.site.module, num_hyper, lp.site.path, modulated_dim=lp.modulated_dim, tied_to=tied)
+        made.append(layer)
+        into.replace(lp.site, layer)
+    for name, claim in surgery.claims.items():
+        surgery.kinds[name].install(name, claim, into)
+    return into

@@ -20,6 +20,7 @@ from torch import nn
 
 import hypertune as ht
 from hypertune import surgery
+from hypertune.layers import registry
 from hypertune.layers import HyperDropout, HyperLayer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def test_ptb_hparams_follow_lstm_support():
     example = load("ptb_lstm")
     assert "dropconnect" in example.hparams(dropconnect=True)
     specs = example.hparams()
-    assert ("dropconnect" in specs) == (nn.LSTM in surgery.HYPER_LAYERS)
+    assert ("dropconnect" in specs) == example.lstm_is_hyper_layer()
     from hypertune.experiments.ptb import LSTMLanguageModel
 
     hm = ht.HyperModel.wrap(LSTMLanguageModel(30, 8, 8), specs)

@@ -79,11 +79,11 @@ class SequenceFirstInside(nn.Module):
 
 
 class LearnedQueries(nn.Module):
-    """A parameter of batch 1 through a Linear, broadcast against the batch afterwards."""
+    """A tensor of batch 1 through a Linear, broadcast against the batch afterwards."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(1, 3, 4))
+        self.register_buffer("queries", torch.randn(1, 3, 4))
         self.q_proj = nn.Linear(4, 4)
         self.k_proj = nn.Linear(4, 4)
         self.head = nn.Linear(4, 2)
@@ -112,9 +112,9 @@ MODELS = {
 }
 
 
-def _wrap(name: str) -> ht.HyperModel:
-    net = MODELS[name]()
-    specs: dict = {"wd": ht.WeightDecay(), "a": ht.HParam(init=0.0)}
+def _wrap(name: str, dtype: torch.dtype = torch.float32) -> ht.HyperModel:
+    net = MODELS[name]().to(dtype)
+    specs: dict = {"wd": ht.WeightDecay()}
     if any(isinstance(m, nn.Dropout) for m in net.modules()):
         specs["dropout"] = ht.DropoutRate()
     return ht.HyperModel.wrap(net, specs)
@@ -124,13 +124,14 @@ def _wrap(name: str) -> ht.HyperModel:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_each_example_is_evaluated_at_its_own_row(name, batch):
     torch.manual_seed(0)
-    model = _wrap(name).eval()
+    model = _wrap(name, torch.float64).eval()
     with torch.no_grad():
         for p in model.response_parameters():
             p.normal_()
     x = _inputs(name, batch)
+    x = x.double() if x.is_floating_point() else x
     lam = model.hparams.unconstrained.detach().unsqueeze(0)
-    delta = torch.randn(batch, len(model.hparams))
+    delta = torch.randn(batch, len(model.hparams), dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         with torch.no_grad(), model.evaluated_at(Perturbation(model.hparams, lam + delta, delta)):
@@ -138,7 +139,7 @@ def test_each_example_is_evaluated_at_its_own_row(name, batch):
         for i in range(batch):
             row = Perturbation(model.hparams, lam + delta[i : i + 1], delta[i : i + 1])
             with torch.no_grad(), model.evaluated_at(row):
-                torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1]), rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1]), rtol=1e-10, atol=1e-12)
     assert model.perturbed_per_batch is None
     # and the rows matter: the response differs between examples
     with torch.no_grad(), model.evaluated_at(Perturbation(model.hparams, lam.expand(batch, -1), torch.zeros_like(delta))):
@@ -230,7 +231,7 @@ class Unplaceable(nn.Module):
 @pytest.mark.parametrize("mode", ["delta", "centered", "stn"])
 def test_a_site_without_a_batch_axis_falls_back_and_keeps_running_stats_single(mode):
     torch.manual_seed(4)
-    model = ht.HyperModel.wrap(Unplaceable(), {"wd": ht.WeightDecay(), "a": ht.HParam(init=0.0)})
+    model = ht.HyperModel.wrap(Unplaceable(), {"wd": ht.WeightDecay()})
     opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), mode=mode, warmup_steps=0)
     x, y = torch.randn(4, 5, 4), torch.tensor([0, 1, 1, 0])  # (q, k) = (5, 5): no multiple of 4
     with pytest.warns(UserWarning, match="HyperEmbedding 'bias' cannot take one perturbation per example"):

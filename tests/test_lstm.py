@@ -490,8 +490,8 @@ def test_tiny_language_model_trains_with_a_manually_swapped_lstm(mode):
     net.rnn = HyperLSTM.from_module(
         net.rnn, len(space), "rnn", dropconnect="wdrop", input_dropout="dropi", hidden_dropout="droph"
     )
-    root = surgery.apply(net, plan, len(space))
-    model = HyperModel(root, space, plan)
+    installed = surgery.apply(net, plan, len(space))
+    model = HyperModel(installed.root, space, plan, installed)
     assert "rnn" in model.hyper_layers()
     _train_and_validate(model, mode)
 
@@ -500,7 +500,10 @@ def test_tiny_language_model_trains_with_a_manually_swapped_lstm(mode):
 def _registered() -> bool:
     from hypertune import surgery
 
-    return nn.LSTM in surgery.HYPER_LAYERS and hasattr(ht, "VariationalDropout")
+    from hypertune.layers import registry
+
+    found = registry.match(nn.LSTM(1, 1))
+    return found is not None and found.kind is not None and hasattr(ht, "VariationalDropout")
 
 
 needs_registration = pytest.mark.skipif(not _registered(), reason="nn.LSTM not registered in surgery yet")

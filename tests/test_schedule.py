@@ -66,7 +66,10 @@ def test_schedule_gives_the_values_each_train_step_used(run):
         assert s.at(i) == values
     assert s.final() == model.hparam_values()  # includes the last val step, after train step 12
     assert s.at(10**6) == s.final() and s.at(-5) == s.initial()
-    assert s.meta["dropout:drop1"] == {"kind": "dropout", "modules": ["drop1"]}
+    meta = s.meta["dropout:drop1"]
+    assert {k: meta[k] for k in ("kind", "modules")} == {"kind": "dropout", "modules": ["drop1"]}
+    # the spec itself is saved, so a reload never guesses the kind from the name
+    assert ht.hparam_from_json(meta["spec"]) == model.hparams.specs["dropout:drop1"]
     assert s.meta["input_dropout"]["kind"] == "input_dropout"
     assert s.meta["wd"]["params"] == ["fc1.weight", "fc2.weight", "head.weight"]  # not biases
 

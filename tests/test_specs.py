@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import numpy as np
 import torch
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
@@ -108,7 +109,7 @@ def test_infinite_init(init):
 
 
 @pytest.mark.parametrize("label", ["init", "low", "high", "init_scale"])
-@pytest.mark.parametrize("bad", ["0.5", None, True, torch.tensor(0.5), [0.5]])
+@pytest.mark.parametrize("bad", ["0.5", None, True, torch.tensor([0.5, 0.6]), [0.5], np.array([0.5, 0.6])])
 def test_non_numbers(label, bad):
     kwargs = dict(init=0.5, low=0.0, high=1.0, init_scale=1.0)
     kwargs[label] = bad

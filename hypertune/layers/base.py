@@ -17,15 +17,16 @@ from typing import Any, TypeVar
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .. import context
 from ..rows import layout
 from ..linearize import make_dual
 
+# Registries that hold user state a module swap must keep. Hook registries are *shared* by the old
+# and the new module (not copied): a RemovableHandle the user made before wrapping points at the
+# dict object itself, so only sharing lets it still remove its hook after wrap and unwrap.
 _HOOK_DICTS = (
-    "_parameters",
-    "_buffers",
-    "_modules",
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
@@ -37,32 +38,40 @@ _HOOK_DICTS = (
     "_state_dict_pre_hooks",
     "_load_state_dict_pre_hooks",
     "_load_state_dict_post_hooks",
-    "_non_persistent_buffers_set",
 )
+# Registries a swap copies, so the hyper-layer can add Θ without touching the original module.
+_OWN_DICTS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 
 M = TypeVar("M", bound=nn.Module)
 
 
 def carry_hooks(source: nn.Module, target: nn.Module) -> None:
-    """Give ``target`` copies of ``source``'s hook registries, so a user's hooks survive a swap."""
+    """Give ``target`` ``source``'s hook registries (the same dicts), so a user's hooks, and the
+    handles that remove them, survive a swap."""
     for attr in _HOOK_DICTS:
-        if attr.endswith("hooks") or attr.endswith("hooks_with_kwargs") or attr.endswith("always_called"):
-            if attr in source.__dict__:
-                target.__dict__[attr] = copy.copy(source.__dict__[attr])
+        if attr in source.__dict__:
+            target.__dict__[attr] = source.__dict__[attr]
 
 
 def swap_class(module: nn.Module, cls: type[M]) -> M:
     """A shallow copy of ``module`` of class ``cls`` holding the *same* Parameter objects.
 
     Sharing the Parameters keeps state_dict keys, values and any optimizer references valid
-    (torchao's ``from_float`` pattern); copying the registries keeps the original module intact.
+    (torchao's ``from_float`` pattern); copying the parameter/module registries keeps the
+    original module intact; sharing the hook registries keeps the user's hook handles working.
     """
-    new = copy.copy(module)
-    for attr in _HOOK_DICTS:
+    # Not copy.copy: parametrized modules refuse to be copied that way (they forbid pickling).
+    new = object.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for attr in _OWN_DICTS:
         if attr in new.__dict__:
             new.__dict__[attr] = copy.copy(new.__dict__[attr])
-    new.__class__ = cls
     return new
+
+
+# Parametrizations that reparametrize a weight without constraining it (any weight is reachable),
+# so w₀ may be the computed weight and the response added to it: torch's weight_norm.
+REPARAMETRIZATIONS = {"_WeightNorm"}
 
 
 class HyperLayer(nn.Module):
@@ -73,35 +82,105 @@ class HyperLayer(nn.Module):
     """
 
     base_class: type[nn.Module]
-    # Which weight dimension the modulation scales: 0 for output rows (Linear/Conv),
-    # 1 for embedding columns.
-    modulated_dim: int = 0
+    # Weight dimensions the modulation can scale, preferred first: output rows (0) for
+    # Linear/Conv, embedding columns (1) for Embedding. A layer whose weight is tied to another
+    # layer's uses the first dimension both kinds support, so the two share one response.
+    modulated_dims: tuple[int, ...] = (0,)
     weight: nn.Parameter
     bias: nn.Parameter | None
     response_weight: nn.Parameter
     response_bias: nn.Parameter | None
     hyper_projection: nn.Linear
     hyper_path: str
-    # Instance attributes naming the hyperparameter of a weight regularizer, set by surgery.
-    regularizer_attributes: tuple[str, ...] = ("dropconnect",)
+    # Weight regularizers this kind can run, each naming its hyperparameter (None: off). Surgery
+    # sets them through :meth:`attach_regularizer`.
+    regularizer_roles: tuple[str, ...] = ("dropconnect",)
+    dropconnect: str | None = None
+
+    @property
+    def modulated_dim(self) -> int:
+        return self.__dict__.get("_modulated_dim", self.modulated_dims[0])
+
+    # ---- the kind's own checks -----------------------------------------------------------
+    @classmethod
+    def check(cls, module: nn.Module) -> list[str]:
+        """Why ``module`` cannot become this kind (empty: it can). Each reason says the fix.
+
+        Kinds extend this with their own rules (``super().check(module) + [...]``).
+        """
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            return ["has uninitialized lazy parameters: run one forward pass before wrapping"]
+        if parametrize.is_parametrized(module):
+            refused = [
+                f"{name} ({type(p).__name__})"
+                for name, plist in module.parametrizations.items()  # type: ignore[union-attr]
+                for p in plist
+                if name != "weight" or type(p).__name__ not in REPARAMETRIZATIONS
+            ]
+            if refused:
+                return [
+                    f"has a parametrization that constrains its weight ({', '.join(refused)}): the "
+                    "response would break the constraint; remove the parametrization or add the "
+                    "module to exclude (weight_norm is supported)"
+                ]
+            return []
+        if not isinstance(getattr(module, "weight", None), nn.Parameter):
+            return ["has no weight Parameter: add it to exclude"]
+        return []
 
     # ---- construction and undoing -------------------------------------------------------
     @classmethod
-    def from_module(cls, module: nn.Module, num_hyper: int, path: str = "") -> HyperLayer:
-        layer = swap_class(module, cls)
+    def from_module(
+        cls,
+        module: nn.Module,
+        num_hyper: int,
+        path: str = "",
+        *,
+        modulated_dim: int | None = None,
+        tied_to: HyperLayer | None = None,
+    ) -> HyperLayer:
+        """Swap ``module`` for this kind, keeping its Parameters.
+
+        ``tied_to``: a hyper-layer holding the same weight Parameter; this layer then shares
+        its response (W_resp and the projection), so the tied weight has one w(δλ).
+        """
+        from .registry import concrete_class
+
+        layer = swap_class(module, concrete_class(cls, type(module)))
         layer.hyper_path = path
-        layer._init_response(num_hyper)
+        if tied_to is not None:
+            layer.__dict__["_modulated_dim"] = tied_to.modulated_dim
+            layer.response_weight = tied_to.response_weight
+            layer.register_parameter("response_bias", None)
+            layer.hyper_projection = tied_to.hyper_projection
+        else:
+            if modulated_dim is not None and modulated_dim != cls.modulated_dims[0]:
+                layer.__dict__["_modulated_dim"] = modulated_dim
+            layer._init_response(num_hyper)
         return layer
+
+    @property
+    def original_class(self) -> type[nn.Module]:
+        """The user's class this layer was swapped from (a subclass of ``base_class`` or itself)."""
+        return next(c for c in type(self).__mro__ if not issubclass(c, HyperLayer))
 
     def to_module(self) -> nn.Module:
         """The plain torch module with the same w₀ Parameters and no Θ."""
-        plain = swap_class(self, self.base_class)
+        plain = swap_class(self, self.original_class)
         for name in ("response_weight", "response_bias"):
             plain._parameters.pop(name, None)
         plain._modules.pop("hyper_projection", None)
-        for attr in ("hyper_path", *self.regularizer_attributes):
+        for attr in ("hyper_path", "_modulated_dim", *self.regularizer_roles):
             plain.__dict__.pop(attr, None)
         return plain
+
+    def attach_regularizer(self, role: str, hparam: str) -> None:
+        """Let hyperparameter ``hparam`` drive this layer's regularizer ``role``."""
+        if role not in self.regularizer_roles:
+            raise ValueError(
+                f"{type(self).__name__} has no regularizer {role!r}; it has {list(self.regularizer_roles)}"
+            )
+        setattr(self, role, hparam)
 
     @property
     def modulated_size(self) -> int:
@@ -112,14 +191,15 @@ class HyperLayer(nn.Module):
         factory: dict[str, Any] = {"device": w.device, "dtype": w.dtype}
         self.response_weight = nn.Parameter(torch.empty_like(w, requires_grad=True))
         self._reset_response_weight()
-        if getattr(self, "bias", None) is not None:
+        bias = getattr(self, "bias", None)
+        if bias is not None:
             bound = 1.0 / math.sqrt(max(1, self._fan_in()))
             self.response_bias = nn.Parameter(
-                torch.empty_like(self.bias).uniform_(-bound, bound)  # type: ignore[arg-type]
+                torch.empty_like(bias).detach().uniform_(-bound, bound)
             )
         else:
             self.register_parameter("response_bias", None)
-        n_out = self.modulated_size * (2 if self.response_bias is not None else 1)
+        n_out = self.modulated_size + (bias.numel() if bias is not None else 0)
         self.hyper_projection = nn.Linear(num_hyper, n_out, bias=False, **factory)
         nn.init.zeros_(self.hyper_projection.weight)
 
@@ -162,7 +242,7 @@ class HyperLayer(nn.Module):
         """
         w, b = self.weight, getattr(self, "bias", None)
         wr, br = self.response_weight, self.response_bias
-        name = self.__dict__.get("dropconnect")
+        name = self.dropconnect
         if name is not None and self.training and p is not None:
             keep = 1.0 - p.value(name)[0].detach().to(w.dtype)
             mask = (torch.rand(w.shape, device=w.device, dtype=w.dtype) < keep).to(w.dtype) / keep
@@ -193,43 +273,53 @@ class HyperLayer(nn.Module):
         return make_dual(out, tangent)
 
     def decayed_parameters(self, include_bias: bool = False) -> list[nn.Parameter]:
-        """The w₀ Parameters ``weight_sq_norm`` measures."""
+        """The w₀ Parameters ``weight_sq_norm`` measures (a reparametrized weight's originals)."""
         bias = getattr(self, "bias", None)
-        return [self.weight] + ([bias] if include_bias and bias is not None else [])
+        if parametrize.is_parametrized(self, "weight"):
+            weights = list(self.parametrizations.weight.parameters())  # type: ignore[union-attr]
+        else:
+            weights = [self.weight]
+        return weights + ([bias] if include_bias and bias is not None else [])
 
     def weight_sq_norm(self, response_input: Tensor | None, include_bias: bool = False) -> Tensor:
         """||w(δλ)||² per perturbation row (shape (R,)), in closed form from the row structure."""
-        total = self._sq_norm(self.weight, self.response_weight, response_input, 0)
-        if include_bias and getattr(self, "bias", None) is not None:
-            total = total + self._sq_norm(self.bias, self.response_bias, response_input, 1)
+        s_w, s_b = (None, None) if response_input is None else self.split(self.hyper_projection(response_input))
+        total = _sq_norm(self.weight, self.response_weight, s_w, self.modulated_dim)
+        bias = getattr(self, "bias", None)
+        if include_bias and bias is not None:
+            total = total + _sq_norm(bias, self.response_bias, s_b, 0)
         return total
-
-    def _sq_norm(
-        self, w0: Tensor, wr: Tensor | None, response_input: Tensor | None, part: int
-    ) -> Tensor:
-        base = w0.pow(2).sum()
-        if response_input is None:
-            return base.reshape(1)
-        s = self.split(self.hyper_projection(response_input))[part]
-        assert s is not None and wr is not None
-        w0m = w0.movedim(self.modulated_dim, 0).reshape(w0.shape[self.modulated_dim], -1)
-        wrm = wr.movedim(self.modulated_dim, 0).reshape(wr.shape[self.modulated_dim], -1)
-        cross = (w0m * wrm).sum(1)
-        resp = wrm.pow(2).sum(1)
-        return base + 2 * (s @ cross) + s.pow(2) @ resp
 
     @torch.no_grad()
     def bake(self, response_input: Tensor) -> None:
-        """Fold Θ at one point into w₀ in place (plain STN, whose w₀ is not the current weights)."""
+        """Fold Θ at one point into w₀ in place (plain STN, whose w₀ is not the current weights).
+
+        A reparametrized weight (weight_norm) is set through its parametrization.
+        """
         s_w, s_b = self.split(self.hyper_projection(response_input.reshape(1, -1)))
         shape = [1] * self.weight.dim()
         shape[self.modulated_dim] = -1
-        self.weight.add_(s_w.reshape(shape) * self.response_weight)
-        if s_b is not None and getattr(self, "bias", None) is not None and self.response_bias is not None:
-            self.bias.add_(s_b.reshape(-1) * self.response_bias)
+        delta = s_w.reshape(shape) * self.response_weight
+        if parametrize.is_parametrized(self, "weight"):
+            self.weight = self.weight + delta
+        else:
+            self.weight.add_(delta)
+        bias = getattr(self, "bias", None)
+        if s_b is not None and bias is not None and self.response_bias is not None:
+            bias.add_(s_b.reshape(-1) * self.response_bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_hyper={self.hyper_projection.in_features}"
+
+
+def _sq_norm(w0: Tensor, wr: Tensor | None, s: Tensor | None, dim: int) -> Tensor:
+    """||w0 + s ⊙_dim wr||² per row of s (R, w0.shape[dim]); ``s=None``: ||w0||²."""
+    base = w0.pow(2).sum()
+    if s is None or wr is None:
+        return base.reshape(1)
+    w0m = w0.movedim(dim, 0).reshape(w0.shape[dim], -1)
+    wrm = wr.movedim(dim, 0).reshape(wr.shape[dim], -1)
+    return base + 2 * (s @ (w0m * wrm).sum(1)) + s.pow(2) @ wrm.pow(2).sum(1)
 
 
 def row_view(

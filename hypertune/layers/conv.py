@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .base import HyperLayer, row_view
+from .registry import register_layer_kind
 
 
 class _HyperConv(HyperLayer):
@@ -36,16 +37,19 @@ class _HyperConv(HyperLayer):
         return out
 
 
+@register_layer_kind
 class HyperConv1d(_HyperConv, nn.Conv1d):
     base_class = nn.Conv1d
     spatial_dims = 1
 
 
+@register_layer_kind
 class HyperConv2d(_HyperConv, nn.Conv2d):
     base_class = nn.Conv2d
     spatial_dims = 2
 
 
+@register_layer_kind
 class HyperConv3d(_HyperConv, nn.Conv3d):
     base_class = nn.Conv3d
     spatial_dims = 3

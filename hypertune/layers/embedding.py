@@ -13,12 +13,22 @@ from torch import Tensor, nn
 
 from .. import context
 from .base import HyperLayer, row_view
+from .registry import register_layer_kind
 
 
+@register_layer_kind
 class HyperEmbedding(HyperLayer, nn.Embedding):
     base_class = nn.Embedding
-    modulated_dim = 1
-    regularizer_attributes = ("dropconnect", "word_dropout")
+    modulated_dims = (1, 0)  # features; vocabulary rows when tied to a Linear that needs them
+    regularizer_roles = ("dropconnect", "word_dropout")
+    word_dropout: str | None = None
+
+    @classmethod
+    def check(cls, module: nn.Module) -> list[str]:
+        if getattr(module, "max_norm", None) is not None:
+            return ["uses max_norm, which rewrites weights during forward: set max_norm=None or add "
+                    "the module to exclude"]
+        return super().check(module)
 
     def _reset_response_weight(self) -> None:
         with torch.no_grad():
@@ -38,13 +48,22 @@ class HyperEmbedding(HyperLayer, nn.Embedding):
     ) -> Tensor:
         out = F.embedding(x, weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq)
         where = f"HyperEmbedding '{self.hyper_path}'"
-        return out * row_view(
-            s_w, out.dim(), -1, x.dim() >= 1, x.shape[0] if x.dim() else 1, where, shape=x.shape, feature_dims=0
-        )
+        batched = x.dim() >= 1
+        if self.modulated_dim == 1:
+            return out * row_view(
+                s_w, out.dim(), -1, batched, x.shape[0] if batched else 1, where, shape=x.shape, feature_dims=0
+            )
+        # Rows (vocabulary entries) modulated: each token's row is scaled by its example's s.
+        if not batched:
+            context.rows_for(1, s_w.shape[0], where)
+            return out * s_w[0][x].unsqueeze(-1)
+        lay = layout(x.shape, s_w.shape[0], where, feature_dims=0)
+        example = lay.place(torch.arange(s_w.shape[0], device=x.device), x.dim())
+        return out * s_w[example, x].unsqueeze(-1)
 
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
-        name = self.__dict__.get("word_dropout")
+        name = self.word_dropout
         p = context.current()
         if name is None or not self.training or p is None:
             return out

@@ -52,6 +52,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, _VF, nn
+from torch.nn.utils import parametrize
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence
 
@@ -59,6 +60,7 @@ from .. import context
 from ..linearize import make_dual
 from ..errors import HyperTuneError, PerturbationError
 from .base import HyperLayer, swap_class
+from .registry import register_layer_kind
 
 __all__ = ["HyperLSTM"]
 
@@ -325,6 +327,7 @@ def _flip(x: Tensor | None, reverse: bool) -> Tensor | None:
     return x.flip(0) if (reverse and x is not None) else x
 
 
+@register_layer_kind
 class HyperLSTM(HyperLayer, nn.LSTM):
     """A centered hyper-layer for ``nn.LSTM`` (any layers, bias, batch_first, bidirectional).
 
@@ -337,10 +340,23 @@ class HyperLSTM(HyperLayer, nn.LSTM):
     base_class = nn.LSTM
     # Names of the tuned hyperparameters of the three regularizers (None: off); surgery may also
     # set them on the instance after from_module.
-    regularizer_attributes = ("dropconnect", "input_dropout", "hidden_dropout")
+    regularizer_roles = ("dropconnect", "input_dropout", "hidden_dropout")
     dropconnect: str | None = None
     input_dropout: str | None = None
     hidden_dropout: str | None = None
+    modulated_dims = ()  # several weights, no single one to tie to another layer's
+
+    @classmethod
+    def check(cls, module: nn.Module) -> list[str]:
+        if parametrize.is_parametrized(module):
+            return ["has a parametrization (weight is computed, not a Parameter): remove the "
+                    "parametrization or add the module to exclude"]
+        if getattr(module, "proj_size", 0) > 0:
+            return [
+                f"uses proj_size={module.proj_size}, which HyperLSTM does not modulate: set "  # type: ignore[attr-defined]
+                "proj_size=0 or add the module to exclude"
+            ]
+        return []
 
     # ---- construction and undoing -------------------------------------------------------
     @classmethod
@@ -353,6 +369,8 @@ class HyperLSTM(HyperLayer, nn.LSTM):
         dropconnect: str | None = None,
         input_dropout: str | None = None,
         hidden_dropout: str | None = None,
+        modulated_dim: int | None = None,
+        tied_to: HyperLayer | None = None,
     ) -> HyperLSTM:
         where = f"nn.LSTM '{path or '<root>'}'"
         if not isinstance(module, nn.LSTM):
@@ -386,7 +404,7 @@ class HyperLSTM(HyperLayer, nn.LSTM):
         for name in self._response_names():
             plain._parameters.pop(name, None)
         plain._modules.pop("hyper_projection", None)
-        for attr in ("hyper_path", *self.regularizer_attributes):
+        for attr in ("hyper_path", *self.regularizer_roles):
             plain.__dict__.pop(attr, None)
         plain._init_flat_weights()
         return plain
@@ -488,7 +506,7 @@ class HyperLSTM(HyperLayer, nn.LSTM):
 
     def extra_repr(self) -> str:
         s = nn.LSTM.extra_repr(self) + f", num_hyper={self.hyper_projection.in_features}"
-        for attr in self.regularizer_attributes:
+        for attr in self.regularizer_roles:
             if getattr(self, attr, None) is not None:
                 s += f", {attr}={getattr(self, attr)!r}"
         return s
@@ -498,7 +516,7 @@ class HyperLSTM(HyperLayer, nn.LSTM):
         return f"HyperLSTM '{self.hyper_path}'"
 
     def _has_regularizers(self) -> bool:
-        return any(getattr(self, a, None) is not None for a in self.regularizer_attributes)
+        return any(getattr(self, a, None) is not None for a in self.regularizer_roles)
 
     def forward(self, input: Any, hx: Any = None) -> Any:  # type: ignore[override]
         p = context.current()

@@ -136,14 +136,24 @@ def _call_census(hm: HyperModel, active: bool) -> Iterator[set[str]]:
 
 
 def _uncalled_error(hm: HyperModel, called: set[str]) -> HyperTuneError | None:
-    missing = [p for p in hm.hyper_layers() if p not in called]
-    if not missing:
+    missing = hm.unreached_layers(called)
+    unread = hm.unread_hparams()
+    problems = []
+    if missing:
+        problems.append(
+            f"the model's forward never called hyper-layer(s) {missing}: it uses their weights directly "
+            "(e.g. F.linear(x, self.proj.weight)), so their response Θ could never learn. Wrap the "
+            f"original model with HyperModel.wrap(..., exclude={missing!r})"
+        )
+    if unread:
+        problems.append(
+            f"no module read hyperparameter(s) {unread} during the training forward pass (no "
+            "hypertune.hparam(name) call), so tuning them would change nothing: read them in a module's "
+            "forward, or leave them out of hparams"
+        )
+    if not problems:
         return None
-    return HyperTuneError(
-        f"the model's forward never called hyper-layer(s) {missing}: it uses their weights directly "
-        "(e.g. F.linear(x, self.proj.weight)), so their response Θ could never learn. Re-wrap with "
-        f"HyperModel.wrap(..., exclude={missing!r}); nothing was updated"
-    )
+    return HyperTuneError("; ".join(problems) + "; nothing was updated")
 
 
 def _first_rows(tree: Any, rows: int, n: int) -> Any:

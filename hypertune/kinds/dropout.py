@@ -1,0 +1,180 @@
+"""DropoutRate: the rate of the model's dropout modules, each swapped for a HyperDropout."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import SpecError
+from ..layers.base import carry_hooks
+from ..layers.dropout import HyperDropout
+from ..sites import Site, Target, as_targets, describe, selects
+from .base import Claim, FixedForm, FixedFormError, HParam, Installation, WrapSites, register_hparam_kind
+
+# Dropout module type -> number of trailing axes that share one mask entry.
+DROPOUTS: dict[type[nn.Module], int] = {
+    nn.Dropout: 0,
+    nn.Dropout1d: 1,
+    nn.Dropout2d: 2,
+    nn.Dropout3d: 3,
+}
+
+
+def rate_bounds(spec: HParam) -> None:
+    kind = type(spec).__name__
+    if spec.low < 0:
+        raise SpecError(f"{kind}: low={spec.low} must be >= 0")
+    if spec.high >= 1:
+        raise SpecError(
+            f"{kind}: high={spec.high} must be < 1; at rate 1 everything is dropped and inverted "
+            "dropout divides by zero"
+        )
+
+
+def is_dropout_site(module: nn.Module) -> bool:
+    """A module DropoutRate can take over (exact torch dropout types)."""
+    return type(module) in DROPOUTS
+
+
+@register_hparam_kind
+@dataclass(frozen=True)
+class DropoutRate(HParam):
+    """The drop probability of dropout modules in the model.
+
+    ``targets`` selects dropout modules by path pattern or type (default: every dropout module
+    no other spec claims). ``per_site=True`` gives each selected module its own hyperparameter,
+    named ``"<name>:<module path>"``. ``locked_dim`` makes it variational (locked) dropout: one
+    mask shared along that axis, e.g. ``locked_dim=1`` for the time axis of (B, T, F) sequences.
+    """
+
+    init: float = 0.05
+    low: float = 0.0
+    high: float = 0.95
+    targets: tuple[Target, ...] | None = field(default=None)
+    per_site: bool = False
+    locked_dim: int | None = None
+
+    kind: ClassVar[str] = "dropout"
+    panel: ClassVar[str | None] = "Dropout rates"
+    # unwrap gives each HyperDropout back as its torch dropout at the final rate (to_module); a
+    # locked mask then has no torch form (its eval behaviour, the identity, is the same)
+    baked_by_unwrap: ClassVar[bool] = False
+    read_in_forward: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.locked_dim is not None and (not isinstance(self.locked_dim, int) or self.locked_dim < 1):
+            raise SpecError(
+                f"DropoutRate: locked_dim={self.locked_dim!r} must be an axis >= 1 (the time axis of "
+                "batch-first sequences, e.g. 1), or None"
+            )
+        rate_bounds(self)
+        object.__setattr__(self, "targets", as_targets(self.targets, "DropoutRate: targets"))
+
+    def claim_order(self) -> int:
+        return 1 if self.targets is None else 0  # the catch-all takes what explicit specs left
+
+    def claim(self, name: str, sites: WrapSites) -> Claim:
+        chosen: list[Site] = []
+        dropout_sites = [s for s in sites.sites if is_dropout_site(s.module)]
+        if self.targets is None:
+            chosen = [s for s in dropout_sites if id(s.module) not in sites.module_owner]
+        else:
+            for site in sites.sites:
+                if not selects(site, self.targets):
+                    continue
+                if is_dropout_site(site.module):
+                    chosen.append(site)
+                elif isinstance(site.module, (nn.AlphaDropout, nn.FeatureAlphaDropout)):
+                    sites.problems.append(
+                        f"hparams[{name!r}] selects {describe(site.path, site.module)}: alpha dropout "
+                        "is not supported; target nn.Dropout/Dropout1d/2d/3d modules only"
+                    )
+                elif not list(site.module.children()):
+                    sites.problems.append(
+                        f"hparams[{name!r}] selects {describe(site.path, site.module)}, which is not a "
+                        "dropout module: narrow its targets"
+                    )
+        claim = Claim({})
+        if not chosen:
+            where = [s.path for s in dropout_sites]
+            sites.problems.append(
+                f"hparams[{name!r}] (DropoutRate) matches no dropout module; the model's dropout "
+                f"modules are {where or 'none'}: add nn.Dropout modules or fix targets"
+            )
+            return claim
+        for site in chosen:
+            if not sites.claim_module(site, name):
+                continue
+            value = f"{name}:{site.path}" if self.per_site else name
+            claim.values[value] = self
+            claim.sites.setdefault(value, []).append(site)
+        return claim
+
+    def install(self, name: str, claim: Claim, into: Installation) -> None:
+        for value, found in claim.sites.items():
+            for site in found:
+                into.replace(site, self.hyper_dropout(site, value))
+
+    def hyper_dropout(self, site: Site, value: str) -> HyperDropout:
+        """The HyperDropout that takes ``site``'s module over, driven by tuned value ``value``."""
+        module = site.module
+        drop = HyperDropout(
+            value, type(module), DROPOUTS[type(module)], site.path, self.locked_dim,
+            getattr(module, "inplace", False),
+        )
+        drop.train(module.training)
+        carry_hooks(module, drop)
+        return drop
+
+    def fixed_form(self, model: nn.Module, where: Mapping[str, Any], value: float) -> FixedForm | None:
+        paths = where.get("modules")
+        if not paths:
+            return None
+        return FixedDropout(model, list(paths), value, self.locked_dim)
+
+
+class FixedDropout(FixedForm):
+    """Sets ``p`` of the plain dropout modules; a locked mask is shared along its axis by a
+    forward hook (torch's dropouts have no locked form)."""
+
+    def __init__(self, model: nn.Module, paths: list[str], value: float, locked_dim: int | None) -> None:
+        self.modules: list[nn.Module] = []
+        problems: list[str] = []
+        for path in paths:
+            try:
+                m = model.get_submodule(path) if path else model
+            except AttributeError:
+                problems.append(f"the model has no module {path!r}")
+                continue
+            if not isinstance(m, tuple(DROPOUTS)):
+                problems.append(f"module {path!r} is a {type(m).__name__}, not nn.Dropout/1d/2d/3d")
+                continue
+            self.modules.append(m)
+        if problems:
+            raise FixedFormError(problems)
+        self.locked_dim = locked_dim
+        self.handles = [m.register_forward_hook(self._locked) for m in self.modules] if locked_dim else []
+        self.set_value(value)
+
+    def set_value(self, value: float) -> None:
+        super().set_value(value)
+        for m in self.modules:
+            m.p = self.value
+
+    def _locked(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
+        if not module.training or self.value <= 0:
+            return None
+        x = args[0]
+        shape = list(x.shape)
+        shape[self.locked_dim] = 1  # type: ignore[index]
+        keep = 1.0 - self.value
+        return x * ((torch.rand(shape, device=x.device) < keep).to(x.dtype) / keep)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

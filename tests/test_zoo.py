@@ -1,0 +1,270 @@
+"""The models people train today, wrapped as a new user would: the model zoo.
+
+Each model is built from a tiny config with random weights (nothing is downloaded) and wrapped
+with ``{"dropout": DropoutRate(init=0.1), "weight_decay": WeightDecay(init=1e-4)}`` (dropout
+only where the model has dropout modules). Checks, per model:
+
+- in eval mode at δλ = 0 the wrapped model's output equals the plain model's, exactly;
+- ``train_step`` and ``val_step`` run in all three modes, and λ moves;
+- ``unwrap()`` gives back a plain model with the same outputs.
+
+Hugging Face (transformers) and timm are test extras: their models skip cleanly without them.
+A representative subset runs in the default suite; the rest (every torchvision classifier,
+more Hugging Face and timm families) with ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hypertune as ht
+from hypertune.layers import HyperDropout, HyperLayer
+from hypertune.notices import WrapNotice
+
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+MODES = ("delta", "centered", "stn")
+
+Batch = tuple[Any, torch.Tensor, Callable[[Any, torch.Tensor], torch.Tensor]]
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out if torch.is_tensor(out) else out.logits
+
+
+def image_batch(size: int = 32, batch: int = 2, classes: int = 10) -> Batch:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    return x, y, lambda out, t: F.cross_entropy(_logits(out), t)
+
+
+def token_batch(kind: str) -> Batch:
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 100, (2, 8), generator=g)
+    if kind == "classify":
+        return {"input_ids": ids}, torch.tensor([0, 2]), lambda out, t: F.cross_entropy(out.logits, t)
+    if kind == "seq2seq":
+        return (
+            {"input_ids": ids, "decoder_input_ids": ids[:, :5]},
+            ids[:, :5],
+            lambda out, t: F.cross_entropy(out.logits.flatten(0, 1), t.flatten()),
+        )
+    return {"input_ids": ids}, ids, lambda out, t: F.cross_entropy(out.logits.flatten(0, 1), t.flatten())
+
+
+# ---- Hugging Face, from tiny configs ------------------------------------------------------------
+
+
+def hf(name: str) -> tuple[nn.Module, Batch]:
+    transformers = pytest.importorskip("transformers")
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    if name == "bert":
+        config = transformers.BertConfig(vocab_size=100, max_position_embeddings=64, num_labels=3, **tiny)
+        return transformers.BertForSequenceClassification(config), token_batch("classify")
+    if name == "roberta":
+        config = transformers.RobertaConfig(
+            vocab_size=100, max_position_embeddings=64, num_labels=3, pad_token_id=1, **tiny
+        )
+        return transformers.RobertaForSequenceClassification(config), token_batch("classify")
+    if name == "distilbert":
+        config = transformers.DistilBertConfig(
+            vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=3
+        )
+        return transformers.DistilBertForSequenceClassification(config), token_batch("classify")
+    if name == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
+        return transformers.GPT2LMHeadModel(config), token_batch("lm")
+    if name == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=100, num_key_value_heads=1, max_position_embeddings=64, attention_dropout=0.1, **tiny
+        )
+        return transformers.LlamaForCausalLM(config), token_batch("lm")
+    if name == "t5":
+        config = transformers.T5Config(
+            vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0
+        )
+        return transformers.T5ForConditionalGeneration(config), token_batch("seq2seq")
+    if name == "vit":
+        config = transformers.ViTConfig(
+            image_size=32, patch_size=8, num_labels=10, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+            **tiny,
+        )
+        return transformers.ViTForImageClassification(config), image_batch()
+    if name == "whisper":
+        config = transformers.WhisperConfig(
+            vocab_size=100, num_mel_bins=8, d_model=32, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+            max_source_positions=16, max_target_positions=16, dropout=0.1, attention_dropout=0.1,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        )
+        g = torch.Generator().manual_seed(3)
+        ids = torch.randint(3, 100, (2, 5), generator=g)
+        batch = (
+            {"input_features": torch.randn(2, 8, 32, generator=g), "decoder_input_ids": ids},
+            ids,
+            lambda out, t: F.cross_entropy(out.logits.flatten(0, 1), t.flatten()),
+        )
+        return transformers.WhisperForConditionalGeneration(config), batch
+    if name == "wav2vec2":
+        config = transformers.Wav2Vec2Config(
+            vocab_size=100, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, num_labels=3, **tiny,
+        )
+        g = torch.Generator().manual_seed(4)
+        batch = (
+            {"input_values": torch.randn(2, 400, generator=g)},
+            torch.tensor([0, 2]),
+            lambda out, t: F.cross_entropy(out.logits, t),
+        )
+        return transformers.Wav2Vec2ForSequenceClassification(config), batch
+    raise KeyError(name)
+
+
+# ---- timm ------------------------------------------------------------------------------------------
+
+
+def timm_model(name: str) -> tuple[nn.Module, Batch]:
+    timm = pytest.importorskip("timm")
+    vit = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    drops = {"drop_rate": 0.1, "attn_drop_rate": 0.1, "num_classes": 10}
+    if name in ("vit", "deit"):
+        arch = "vit_tiny_patch16_224" if name == "vit" else "deit_tiny_patch16_224"
+        return timm.create_model(arch, **vit, **drops), image_batch()
+    if name == "swin":
+        model = timm.create_model(
+            "swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
+            num_heads=(2, 2), **drops,
+        )
+        return model, image_batch()
+    if name == "xcit":
+        model = timm.create_model(
+            "xcit_nano_12_p16_224", img_size=32, embed_dim=32, depth=2, num_heads=2, **drops
+        )
+        return model, image_batch()
+    if name in ("convnext", "efficientnet", "nfnet", "resnet"):  # timm's own tiny test variants
+        return timm.create_model(f"test_{name}", drop_rate=0.1, num_classes=10), image_batch()
+    if name == "convnext_atto":
+        return timm.create_model("convnext_atto", drop_rate=0.1, num_classes=10), image_batch()
+    if name == "efficientnet_b0":
+        # batch 4 at 64 px: two examples of 1×1 maps make train-mode BatchNorm blow up by itself
+        return timm.create_model("efficientnet_b0", drop_rate=0.1, num_classes=10), image_batch(64, 4)
+    raise KeyError(name)
+
+
+# ---- torchvision ---------------------------------------------------------------------------------
+
+
+def torchvision_model(name: str) -> tuple[nn.Module, Batch]:
+    tvm = pytest.importorskip("torchvision.models")
+    if name == "inception_v3":
+        return tvm.inception_v3(weights=None, num_classes=10, aux_logits=False, init_weights=True), image_batch(75)
+    if name == "googlenet":
+        return tvm.googlenet(weights=None, num_classes=10, aux_logits=False, init_weights=True), image_batch(64)
+    if name.startswith("vit_") or name.startswith("swin") or name.startswith("maxvit"):
+        pytest.skip(f"{name} at its fixed image size is too large for CPU tests (see test_torchvision_models)")
+    return getattr(tvm, name)(weights=None, num_classes=10), image_batch(32 if name == "resnet18" else 64)
+
+
+def torchvision_classifiers() -> list[str]:
+    try:
+        import torchvision.models as tvm
+    except ImportError:  # pragma: no cover
+        return []
+    return sorted(tvm.list_models(module=tvm))
+
+
+# ---- the checks ------------------------------------------------------------------------------------
+
+
+def _specs(model: nn.Module) -> dict[str, ht.HParam]:
+    specs: dict[str, ht.HParam] = {"weight_decay": ht.WeightDecay(init=1e-4)}
+    if any(isinstance(m, DROPOUTS) for m in model.modules()):
+        specs = {"dropout": ht.DropoutRate(init=0.1), **specs}
+    return specs
+
+
+def _same(a: Any, b: Any, exact: bool = True) -> None:
+    a, b = _logits(a), _logits(b)
+    if exact:
+        assert torch.equal(a, b), (a - b).abs().max()
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def check_zoo_model(build: Callable[[], tuple[nn.Module, Batch]], modes: tuple[str, ...] = MODES) -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the libraries' own notices about tiny configs
+        original, (inputs, target, loss_fn) = build()
+    original.eval()
+    for mode in modes:
+        torch.manual_seed(0)
+        plain = copy.deepcopy(original)
+        net = copy.deepcopy(original)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", WrapNotice)  # coverage notices: what stays w₀
+            model = ht.HyperModel.wrap(net, _specs(net))
+        # eval at δλ = 0: exactly the plain model
+        model.eval()
+        with torch.no_grad():
+            _same(_call(model, inputs), _call(plain, inputs))
+        model.train()
+        opt = ht.DeltaSTNOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), mode=mode, warmup_steps=0
+        )
+        before = model.hparams.unconstrained.detach().clone()
+        result = opt.train_step(inputs, target, loss_fn)
+        assert math.isfinite(result.loss) and not result.skipped, (mode, result)
+        assert result.response_loss is None or math.isfinite(result.response_loss)
+        val = opt.val_step(inputs, target, loss_fn)
+        assert math.isfinite(val.loss) and val.updated and not val.skipped, (mode, val)
+        moved = model.hparams.unconstrained.detach() - before
+        assert (moved != 0).all(), f"{mode}: λ did not move: {moved}"
+        # unwrap: the plain model back, with the same outputs (stn folds Θ at λ₀ into w₀)
+        model.eval()
+        with torch.no_grad():
+            wrapped_out = _call(model, inputs)
+            unwrapped = model.unwrap().eval()
+            assert not any(isinstance(m, (HyperLayer, HyperDropout)) for m in unwrapped.modules())
+            _same(_call(unwrapped, inputs), wrapped_out, exact=mode != "stn")
+
+
+FAST_HF = ["bert", "gpt2", "llama", "t5", "vit"]
+SLOW_HF = ["roberta", "distilbert", "whisper", "wav2vec2"]
+FAST_TIMM = ["vit", "deit", "convnext", "efficientnet", "swin"]
+SLOW_TIMM = ["xcit", "resnet", "nfnet", "convnext_atto", "efficientnet_b0"]
+FAST_TORCHVISION = ["resnet18"]
+
+
+@pytest.mark.parametrize("name", FAST_HF + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW_HF])
+def test_hugging_face_model(name):
+    check_zoo_model(lambda: hf(name))
+
+
+@pytest.mark.parametrize("name", FAST_TIMM + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW_TIMM])
+def test_timm_model(name):
+    check_zoo_model(lambda: timm_model(name))
+
+
+@pytest.mark.parametrize(
+    "name",
+    FAST_TORCHVISION
+    + [pytest.param(n, marks=pytest.mark.slow) for n in torchvision_classifiers() if n not in FAST_TORCHVISION],
+)
+def test_torchvision_classifier(name):
+    check_zoo_model(lambda: torchvision_model(name))

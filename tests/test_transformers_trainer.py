@@ -177,6 +177,16 @@ def test_resume_matches_with_attention_dropout_tuned(tmp_path):
     _resume_matches(tmp_path, DROPOUTS)
 
 
+def test_load_best_model_at_end_restores_the_best_checkpoints_hypermodel(tmp_path):
+    t = trainer(tmp_path, max_steps=4, eval_dataset=Counting(16, 2), eval_strategy="steps", eval_steps=2,
+                save_strategy="steps", save_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss")
+    t.train()
+    best = Path(t.state.best_model_checkpoint)
+    saved = torch.load(best / "pytorch_model.bin", weights_only=True)
+    now = t.hyper_model.state_dict()
+    assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved)
+
+
 def test_resume_from_a_checkpoint_of_another_trainer_is_refused(tmp_path):
     plain = Trainer(model=gpt2(), args=args(tmp_path / "plain", max_steps=1, save_strategy="steps", save_steps=1),
                     train_dataset=Counting(16, 0))

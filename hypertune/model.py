@@ -86,10 +86,10 @@ class HyperModel(nn.Module):
         module: nn.Module,
         hparams: HyperParameters,
         plan: surgery.SurgeryPlan,
-        installed: Installation | None = None,
+        installed: Installation,
     ) -> None:
+        """Use :meth:`wrap`; this takes what ``surgery.plan`` and ``surgery.apply`` produced."""
         super().__init__()
-        installed = installed if installed is not None else Installation(module)
         self.module = module
         self.hparams = hparams
         self.training = module.training
@@ -126,14 +126,16 @@ class HyperModel(nn.Module):
         model: nn.Module,
         hparams: Mapping[str, HParam | Augmentation] | Sequence[tuple[str, HParam | Augmentation]],
         *,
-        targets: Sequence[Target] | None = None,
-        exclude: Sequence[Target] | None = None,
+        targets: Sequence[Target | nn.Module] | None = None,
+        exclude: Sequence[Target | nn.Module] | None = None,
     ) -> HyperModel:
-        """Swap ``model``'s Linear/Conv/Embedding layers for centered hyper-layers, in place.
+        """Swap ``model``'s layers of a registered kind for centered hyper-layers, in place.
 
-        ``targets``/``exclude`` select layers by path pattern (fnmatch) or type; the default is
-        every exact nn.Linear, nn.Conv1d/2d/3d and nn.Embedding. The swapped layers keep the same
-        Parameter objects. Nothing changes unless the whole model validates.
+        ``targets``/``exclude`` select layers by path pattern (fnmatch), type, or module object of
+        the model; the default is every module a layer kind handles (see
+        :func:`hypertune.register_layer_kind`). The swapped layers keep the same Parameter objects.
+        Nothing changes unless the whole model validates; weight-bearing modules left as w₀ are
+        named in one :class:`~hypertune.WrapNotice` (see :meth:`coverage`).
         """
         if isinstance(model, HyperModel):
             raise HyperTuneError("the model is already a HyperModel: use it as it is")

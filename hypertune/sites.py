@@ -80,9 +80,8 @@ def as_targets(targets: object, where: str, modules_allowed: bool = False) -> tu
     if targets is None:
         return None
     kinds = "module-path patterns (str) or module types" + (" or modules of the model" if modules_allowed else "")
-    single = isinstance(targets, (str, type)) or (modules_allowed and isinstance(targets, nn.Module))
-    if single:
-        return (targets,)
+    if isinstance(targets, (str, type)) or (modules_allowed and isinstance(targets, nn.Module)):
+        targets = (targets,)
     if isinstance(targets, nn.Module):
         raise SpecError(
             f"{where} got a module object ({type(targets).__name__}); specs take {kinds}: give its path, "

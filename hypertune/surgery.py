@@ -53,10 +53,11 @@ def _weight_bearing(module: nn.Module) -> bool:
     """Holds a matrix or filter of its own (norms' 1-d scales are not counted)."""
     if parametrize.is_parametrized(module, "weight"):
         return True
-    return any(
-        isinstance(p, nn.parameter.UninitializedParameter) or p.dim() >= 2
-        for p in module.parameters(recurse=False)
-    )
+    return any(_is_matrix(p) for p in module.parameters(recurse=False))
+
+
+def _is_matrix(p: nn.Parameter) -> bool:
+    return isinstance(p, nn.parameter.UninitializedParameter) or p.dim() >= 2
 
 
 @dataclass
@@ -91,75 +92,96 @@ class SurgeryPlan:
 def _choose_layers(
     sites: list[Site], explicit: tuple | None, exclude: tuple, problems: list[str], untuned: dict[str, str]
 ) -> list[LayerPlan]:
+    """The modules that become hyper-layers, each with its kind; refusals go to ``problems`` and
+    weight-bearing modules left as w₀ to ``untuned`` (path -> why)."""
     functional = [s.path for s in sites if uses_weights_functionally(s.module)]
-    matched_selectors: set[int] = set()
+    matched: set[int] = set()
     chosen: list[LayerPlan] = []
     for site in sites:
-        path, module = site.path, site.module
-        if isinstance(module, parametrize.ParametrizationList):
+        if isinstance(site.module, parametrize.ParametrizationList):
             continue  # a parametrized module's internals: the module itself is the site
-        bearing = _weight_bearing(module)
-        if selects(site, exclude):
-            if bearing:
-                untuned[path] = "excluded"
+        named = _selected(site, explicit, exclude, matched, untuned)
+        if named is None:
             continue
-        named = False
-        if explicit is not None:
-            hits = [i for i, sel in enumerate(explicit) if selects(site, (sel,))]
-            if not hits:
-                if bearing:
-                    untuned[path] = "not selected by targets"
-                continue
-            matched_selectors.update(hits)
-            # A broad selection ("enc.*", nn.Linear) also meets containers, activations, norms
-            # and dropouts: they keep training as w₀. A module named exactly is meant, so it is
-            # checked and refused if it cannot become a hyper-layer.
-            named = any(is_exact_path(explicit[i]) for i in hits)
-        found = registry.match(module)
-        if _inside(path, functional):
-            parent = next(a for a in functional if _inside(path, [a]))
-            if named and found is not None:
-                owner = type(sites_at(sites, parent)).__name__
-                problems.append(
-                    f"{describe(path, module)} belongs to {owner} '{parent or '<root>'}', which uses its "
-                    "weights without calling it: remove it from targets"
-                )
-            elif bearing:
-                untuned[path] = f"its weights are used functionally by '{parent or '<root>'}'"
-            continue
-        if found is None and uses_weights_functionally(module):
-            if bearing:
-                untuned[path] = "attention computed from its weights functionally"
-            continue
-        if found is None:
-            if named and not list(module.children()) and not is_dropout_site(module):
-                problems.append(
-                    f"{describe(path, module)} was selected by targets (by its exact path) but no layer "
-                    f"kind handles {type(module).__name__}: register one with hypertune.register_layer_kind, "
-                    "or remove it from targets"
-                )
-            elif bearing and list(module.children()):
-                own = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
-                untuned[path] = f"holds {', '.join(own)} used directly by its forward"
-            elif bearing:
-                untuned[path] = f"no layer kind handles {type(module).__name__} (hypertune.register_layer_kind)"
-            continue
-        if found.kind is None:
-            if named:
-                problems.append(f"{describe(path, module)} was selected by targets but is a {found.reason}")
-            elif bearing:
-                untuned[path] = found.reason
-            continue
-        reasons = found.kind.check(module)
-        if reasons:
-            problems.extend(f"{describe(path, module)} {r}" for r in reasons)
-            continue
-        chosen.append(LayerPlan(site, found.kind))
+        kind = _layer_kind(site, named, functional, sites, problems, untuned)
+        if kind is not None:
+            chosen.append(LayerPlan(site, kind))
     if explicit is not None:
         for i, sel in enumerate(explicit):
-            if i not in matched_selectors:
+            if i not in matched:
                 problems.append(f"targets entry {sel!r} matches no module: check the module paths")
     return chosen
+
+
+def _selected(
+    site: Site, explicit: tuple | None, exclude: tuple, matched: set[int], untuned: dict[str, str]
+) -> bool | None:
+    """None: targets/exclude leave the module out; else whether targets name it exactly.
+
+    A broad selection ("enc.*", nn.Linear) also meets containers, activations, norms and
+    dropouts: they keep training as w₀. A module named exactly is meant, so it is checked and
+    refused if it cannot become a hyper-layer.
+    """
+    bearing = _weight_bearing(site.module)
+    if selects(site, exclude):
+        if bearing:
+            untuned[site.path] = "excluded"
+        return None
+    if explicit is None:
+        return False
+    hits = [i for i, sel in enumerate(explicit) if selects(site, (sel,))]
+    if not hits:
+        if bearing:
+            untuned[site.path] = "not selected by targets"
+        return None
+    matched.update(hits)
+    return any(is_exact_path(explicit[i]) for i in hits)
+
+
+def _layer_kind(
+    site: Site, named: bool, functional: list[str], sites: list[Site], problems: list[str],
+    untuned: dict[str, str],
+) -> type[HyperLayer] | None:
+    """The kind ``site`` becomes, after the kind's own checks; None (with a reason) if none."""
+    path, module = site.path, site.module
+    bearing = _weight_bearing(module)
+    found = registry.match(module)
+    if _inside(path, functional):
+        parent = next(a for a in functional if _inside(path, [a]))
+        if named and found is not None:
+            owner = type(sites_at(sites, parent)).__name__
+            problems.append(
+                f"{describe(path, module)} belongs to {owner} '{parent or '<root>'}', which uses its "
+                "weights without calling it: remove it from targets"
+            )
+        elif bearing:
+            untuned[path] = f"its weights are used functionally by '{parent or '<root>'}'"
+        return None
+    if found is None:
+        if uses_weights_functionally(module):
+            if bearing:
+                untuned[path] = "attention computed from its weights functionally"
+        elif named and not list(module.children()) and not is_dropout_site(module):
+            problems.append(
+                f"{describe(path, module)} was selected by targets (by its exact path) but no layer "
+                f"kind handles {type(module).__name__}: register one with hypertune.register_layer_kind, "
+                "or remove it from targets"
+            )
+        elif bearing and list(module.children()):
+            own = [n for n, p in module.named_parameters(recurse=False) if _is_matrix(p)]
+            untuned[path] = f"holds {', '.join(own) or 'weights'} used directly by its forward"
+        elif bearing:
+            untuned[path] = f"no layer kind handles {type(module).__name__} (hypertune.register_layer_kind)"
+        return None
+    if found.kind is None:
+        if named:
+            problems.append(f"{describe(path, module)} was selected by targets but is a {found.reason}")
+        elif bearing:
+            untuned[path] = found.reason
+        return None
+    reasons = found.kind.check(module)
+    problems.extend(f"{describe(path, module)} {r}" for r in reasons)
+    return None if reasons else found.kind
 
 
 def sites_at(sites: list[Site], path: str) -> nn.Module:
@@ -230,20 +252,13 @@ def plan(
     view = WrapSites(sites, result.layers, problems)
     ordered = sorted(specs.items(), key=lambda item: lifecycle(item[1]).claim_order())
     claims: dict[str, Claim] = {}
-    defaults = [n for n, s in specs.items() if type(s).__name__ == "DropoutRate" and s.targets is None]  # type: ignore[union-attr]
-    if len(defaults) > 1:
-        problems.append(
-            f"DropoutRate specs {defaults} both claim every dropout module: give all but one explicit targets"
-        )
     for name, spec in ordered:
-        if name in defaults[1:]:
-            continue
         kind = lifecycle(spec)
         claims[name] = kind.claim(name, view)
         result.kinds[name] = kind
     # λ's order (checkpoints store λ by position): dropout rates in claim order, then the rest
     # in the user's order
-    first = [n for n in claims if getattr(specs[n], "kind", None) == "dropout"]
+    first = [n for n in claims if getattr(specs[n], "leads_lambda", False)]
     for name in first + [n for n in specs if n in claims and n not in first]:
         result.claims[name] = claims[name]
         result.specs.update(claims[name].values)

@@ -166,17 +166,23 @@ def test_untuned_regularizers_use_the_starting_values():
     fixed.collecting = True
     model(tokens)
     fixed.collecting = False
-    assert len(fixed.penalties) == 2 and all(len(store) == 1 for _, _, store in fixed.penalties)
+    # AR and TAR each recorded the pass: their penalties are positive, and consumed once read
+    ar_tar = [f for f in fixed.forms if type(f).__name__ == "FixedActivationPenalty"]
+    assert len(ar_tar) == 2 and all(len(f.outputs) == 1 for f in ar_tar)
     assert float(fixed.penalty().detach()) > 0
     # Locked dropout: one mask per example and feature, shared along time.
     x = torch.ones(2, 50, 16)
     y = model.drop_in(x)
     assert torch.equal(y[:, :1].expand_as(y), y)
     # Augmentations and input dropout at their init, in HyperModel's order.
+    from hypertune.experiments.models import SimpleCNN, mnist_mlp
+
     mlp = load("mnist_mlp")
-    f = common.FixedRegularizers(nn.Linear(2, 2), mlp.hparams())
-    assert f.input_dropout == pytest.approx(0.05)
+    net = mnist_mlp(hidden=8, dropout=0.05)
+    f = common.FixedRegularizers(net, mlp.hparams())
+    hooks = [h for h in net._forward_pre_hooks.values() if type(h).__name__ == "InputDropoutHook"]
+    assert len(hooks) == 1 and hooks[0].rate == pytest.approx(0.05)
     fm = load("fmnist_cnn")
-    g = common.FixedRegularizers(nn.Linear(2, 2), fm.hparams())
+    g = common.FixedRegularizers(SimpleCNN(in_channels=1, num_classes=10, dropout=0.05), fm.hparams())
     img = torch.ones(4, 1, 28, 28)
     assert (g.transform(img) == 0).any()  # one 4×4 hole per image

@@ -8,8 +8,9 @@ of the centered outputs along δλ.
 
 from __future__ import annotations
 
+import copy
 import math
-import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,8 +40,34 @@ def _out(y):
     return y.logits if hasattr(y, "logits") else y
 
 
-def check_kind(model: nn.Module, x, expected_layers: int | None = None, **wrap) -> HyperModel:
-    """Exact at δλ = 0; linearized tangent == central finite difference along a random δλ."""
+def _by_definition(hm: HyperModel, x, d: torch.Tensor):
+    """Example i evaluated by the *plain* model with its weights set to w(δλ_i) = w₀ + s_i ⊙ W_resp
+    (s_i = P δλ_i), the definition of the response, independent of any kind's ``response``."""
+    plain = copy.deepcopy(hm).unwrap().eval()
+    rows = []
+    for i in range(d.shape[0]):
+        values: dict[str, torch.Tensor] = {}
+        done: set[int] = set()
+        for path, layer in hm.hyper_layers().items():
+            prefix = f"{path}." if path else ""
+            s = d[i : i + 1] @ layer.hyper_projection.weight.T
+            n = layer.weight.shape[layer.modulated_dim]
+            if id(layer.hyper_projection) not in done:
+                done.add(id(layer.hyper_projection))
+                shape = [1] * layer.weight.dim()
+                shape[layer.modulated_dim] = n
+                values[prefix + "weight"] = layer.weight + s[0, :n].reshape(shape) * layer.response_weight
+            if layer.response_bias is not None:
+                values[prefix + "bias"] = layer.bias + s[0, n:] * layer.response_bias
+        rows.append(_out(torch.func.functional_call(plain, values, (x[i : i + 1],))))
+    return torch.cat(rows)
+
+
+def check_kind(
+    model: nn.Module, x, expected_layers: int | None = None, definition: bool = True, **wrap
+) -> HyperModel:
+    """Exact at δλ = 0; each example's output at its own δλ equals the plain model with weights
+    w(δλ) (``definition``); linearized tangent == central finite difference along δλ."""
     torch.manual_seed(0)
     model = model.double().eval()
     with torch.no_grad():
@@ -62,6 +89,11 @@ def check_kind(model: nn.Module, x, expected_layers: int | None = None, **wrap) 
             down = _out(hm(x))
         with hm.evaluated_at(_point(hm, torch.zeros_like(d))):
             assert torch.equal(_out(hm(x)), ref)  # δλ = 0 with a response path: still w₀
+    if definition:
+        with torch.no_grad():
+            with hm.evaluated_at(_point(hm, d)):
+                at_d = _out(hm(x))
+            torch.testing.assert_close(at_d, _by_definition(hm, x, d), rtol=1e-9, atol=1e-10)
     fd = (up - down) / (2 * h)
     assert fd.abs().max() > 1e-6  # the response really moves the output
     with torch.no_grad(), fwAD.dual_level(), hm.evaluated_at(_point(hm, d, linearize=True)):
@@ -221,7 +253,31 @@ def test_timm_convolutions_are_kinds(name):
     cls = getattr(layers, name)
     kwargs = {"stride": 2} if "Same" in name else {"padding": 1}
     model = nn.Sequential(cls(3, 4, 3, **kwargs), nn.ReLU(), cls(4, 2, 3, **kwargs))
-    check_kind(model, torch.randn(2, 3, 7, 6, dtype=torch.float64), expected_layers=2)
+    # Std convs respond in the standardized weight's space (checked in the next test)
+    check_kind(model, torch.randn(2, 3, 7, 6, dtype=torch.float64), expected_layers=2,
+               definition="Std" not in name)
+
+
+@pytest.mark.parametrize("name", ["StdConv2d", "ScaledStdConv2dSame"])
+def test_std_conv_response_is_added_to_the_standardized_weight(name):
+    layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    conv = getattr(layers, name)(3, 4, 3, stride=2, bias=True).double()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    hm = HyperModel.wrap(nn.Sequential(conv), {"wd": WeightDecay()})
+    _randomize(hm)
+    layer = hm.module[0]
+    d = torch.randn(2, 1, dtype=torch.float64)
+    with torch.no_grad(), hm.evaluated_at(_point(hm, d)):
+        out = hm(x)
+        for i in range(2):
+            s = d[i] @ layer.hyper_projection.weight.T
+            w = layer.standardized(layer.weight) + s[:4].reshape(4, 1, 1, 1) * layer.response_weight
+            b = layer.bias + s[4:] * layer.response_bias
+            plain = getattr(layers, name)(3, 4, 3, stride=2).double()
+            xi = layers.padding.pad_same(x[i : i + 1], [3, 3], [2, 2], [1, 1]) if "Same" in name else x[i : i + 1]
+            ref = F.conv2d(xi, w, b, plain.stride, plain.padding, plain.dilation, plain.groups)
+            torch.testing.assert_close(out[i : i + 1], ref, rtol=1e-10, atol=1e-12)
 
 
 def test_timm_linear_is_a_kind():
@@ -404,3 +460,58 @@ def test_layer_kind_registry_lists_the_builtin_kinds():
     for name in ("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D",
                  "timm.layers.conv2d_same.Conv2dSame", "torch.nn.modules.rnn.LSTM"):
         assert name in kinds
+
+
+class TiedPair(nn.Module):
+    """An embedding and a linear layer holding one weight, in either order, either side smaller."""
+
+    def __init__(self, rows: int, cols: int, linear_first: bool, bias: bool) -> None:
+        super().__init__()
+        if linear_first:
+            self.lin = nn.Linear(cols, rows, bias=bias)  # weight (rows, cols)
+            self.emb = nn.Embedding(rows, cols)
+            self.emb.weight = self.lin.weight
+        else:
+            self.emb = nn.Embedding(rows, cols)
+            self.lin = nn.Linear(cols, rows, bias=bias)
+            self.lin.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.lin(torch.tanh(self.emb(ids)))
+
+
+@pytest.mark.parametrize("rows, cols", [(5, 9), (9, 5)])
+@pytest.mark.parametrize("linear_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_tied_embedding_and_linear_in_every_layout(rows, cols, linear_first, bias):
+    model = TiedPair(rows, cols, linear_first, bias)
+    hm = check_kind(model, torch.randint(0, rows, (3, 4)), expected_layers=2)
+    emb, lin = hm.hyper_layers()["emb"], hm.hyper_layers()["lin"]
+    dim = 0 if rows < cols else 1  # the smaller side is modulated
+    assert emb.modulated_dim == lin.modulated_dim == dim
+    assert emb.response_weight is lin.response_weight
+    owner, follower = (lin, emb) if linear_first else (emb, lin)
+    assert follower.response_bias is None
+    assert (owner.response_bias is not None) == (bias and linear_first)
+
+
+def test_a_wrapped_subclass_pickles_into_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    model = nn.Sequential(PlainSubclass(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    hm = HyperModel.wrap(model, {"wd": WeightDecay()})
+    path = tmp_path / "hm.pt"
+    torch.save(hm, path)
+    x = torch.randn(2, 3)
+    hm.eval()
+    expected = hm(x)
+    torch.save({"x": x, "y": expected}, tmp_path / "io.pt")
+    code = (
+        "import sys, torch; sys.path[:0] = [%r, %r]\n"
+        "hm = torch.load(%r, weights_only=False).eval(); io = torch.load(%r)\n"
+        "assert torch.equal(hm(io['x']), io['y'])\n"
+        "assert type(hm.unwrap()[0]).__name__ == 'PlainSubclass'\n"
+        % (str(Path(__file__).parent), str(Path(__file__).parents[1]), str(path), str(tmp_path / "io.pt"))
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).parent))

@@ -66,10 +66,13 @@ def kind_of(name: str, spec: object) -> str:
 
 def _as_number(kind: str, label: str, value: object) -> float:
     """Python, numpy and 0-d tensor numbers alike; bools and arrays are refused."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            raise SpecError(f"{kind}: {label} must be a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
+    if isinstance(value, torch.Tensor) or (hasattr(value, "__array__") and hasattr(value, "shape")):
+        size = value.numel() if isinstance(value, torch.Tensor) else value.size  # type: ignore[union-attr]
+        if size != 1:
+            raise SpecError(
+                f"{kind}: {label} must be a number, got an array of shape {tuple(value.shape)}"  # type: ignore[union-attr]
+            )
+        value = value.item()  # type: ignore[union-attr]
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SpecError(f"{kind}: {label} must be a number, got {value!r}")
     return float(value) if not isinstance(value, int) else value  # type: ignore[return-value]
@@ -85,6 +88,19 @@ class WrapSites:
     problems: list[str] = field(default_factory=list)
     module_owner: dict[int, str] = field(default_factory=dict)
     role_owner: dict[tuple[int, str], str] = field(default_factory=dict)
+    # kind -> the spec that claims every site of that kind no other spec named (one per kind)
+    catch_all: dict[str, str] = field(default_factory=dict)
+
+    def claim_catch_all(self, kind: str, name: str, what: str) -> bool:
+        """Let spec ``name`` be the one that takes every remaining site of its kind."""
+        owner = self.catch_all.get(kind)
+        if owner is not None:
+            self.problems.append(
+                f"{what} specs {[owner, name]} both claim every {kind} module: give all but one explicit targets"
+            )
+            return False
+        self.catch_all[kind] = name
+        return True
 
     def claim_module(self, site: Site, name: str) -> bool:
         """Give ``site``'s module to spec ``name``; refuses a module two specs want."""
@@ -212,6 +228,8 @@ class HParam:
     baked_by_unwrap: ClassVar[bool] = False
     # Whether only the forward can use it (read with hypertune.hparam): checked at the first step.
     read_in_forward: ClassVar[bool] = True
+    # Whether its values come first in λ (in claim order); λ's layout is what checkpoints store.
+    leads_lambda: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         kind = type(self).__name__

@@ -64,6 +64,7 @@ class DropoutRate(HParam):
     # locked mask then has no torch form (its eval behaviour, the identity, is the same)
     baked_by_unwrap: ClassVar[bool] = False
     read_in_forward: ClassVar[bool] = False
+    leads_lambda: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,6 +83,8 @@ class DropoutRate(HParam):
         chosen: list[Site] = []
         dropout_sites = [s for s in sites.sites if is_dropout_site(s.module)]
         if self.targets is None:
+            if not sites.claim_catch_all(self.kind, name, "DropoutRate"):
+                return Claim({})
             chosen = [s for s in dropout_sites if id(s.module) not in sites.module_owner]
         else:
             for site in sites.sites:

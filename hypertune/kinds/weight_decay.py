@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..errors import SpecError
 from ..layers.base import HyperLayer
 from ..penalties import WeightDecayPenalty
-from ..sites import Site, Target, as_targets, selects
+from ..sites import Target, as_targets, selects
 from .base import Claim, FixedForm, FixedFormError, HParam, Installation, WrapSites, register_hparam_kind
 
 
@@ -72,7 +72,9 @@ class WeightDecay(HParam):
         into.penalties.append(WeightDecayPenalty(name, layers, plain, self.include_bias))
 
     def where(self, claim: Claim, value_name: str, model: nn.Module) -> dict[str, Any]:
-        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        names: dict[int, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), n)  # a shared weight goes by its first name
         params: list[str] = []
         for site in claim.sites.get(value_name, []):
             m = model.get_submodule(site.path) if site.path else model

@@ -100,9 +100,39 @@ def concrete_class(kind: type[HyperLayer], module_type: type[nn.Module]) -> type
     key = (kind, module_type)
     cls = _CONCRETE.get(key)
     if cls is None:
-        cls = type(kind.__name__, (kind, module_type), {"__module__": kind.__module__})
+        # A name pickle can find (``torch.save`` of a wrapped model): this module's attribute,
+        # rebuilt on demand by __getattr__ in a process that has not made it yet.
+        name = f"{_PICKLE_PREFIX}{_encode(kind)}{_PICKLE_SEP}{_encode(module_type)}"
+        cls = type(kind.__name__, (kind, module_type), {"__module__": __name__, "__qualname__": name})
         _CONCRETE[key] = cls
+        globals()[name] = cls
     return cls
+
+
+_PICKLE_PREFIX = "Hyper@"
+_PICKLE_SEP = "@"
+
+
+def _encode(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}".replace(".", "/")
+
+
+def _decode(text: str) -> type:
+    import importlib
+
+    module, _, qualname = text.replace("/", ".").partition(":")
+    obj: object = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[return-value]
+
+
+def __getattr__(name: str) -> type:
+    """Rebuild a concrete class pickle asks for (see :func:`concrete_class`)."""
+    if name.startswith(_PICKLE_PREFIX):
+        kind, _, module_type = name[len(_PICKLE_PREFIX) :].partition(_PICKLE_SEP)
+        return concrete_class(_decode(kind), _decode(module_type))  # type: ignore[arg-type]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def kinds() -> dict[str, str]:

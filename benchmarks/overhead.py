@@ -10,8 +10,8 @@ CUDA is timed with synchronize.
 
 ``--memory`` adds, per row, the bytes of parameters and optimizer state after a step (plain:
 w₀ and SGD's momentum; tuned: w₀, Θ, λ, σ and all their optimizers' state) and the peak memory
-of a few steps: ``torch.cuda.max_memory_allocated`` on CUDA, the peak RSS of a fresh process
-running only that configuration on CPU.
+of a few steps: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU, in a fresh process running only that
+configuration, how far the peak RSS rises above the RSS after imports (Linux).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -231,6 +230,8 @@ def memory_row(name: str, device: torch.device, batch: int | None, config: str, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
+    else:
+        baseline = _reset_peak_rss()
     step, params, optimizers = _build_step(name, device, batch, config, options)
     for _ in range(steps):
         step()
@@ -240,9 +241,26 @@ def memory_row(name: str, device: torch.device, batch: int | None, config: str, 
         row["peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
         row["peak_kind"] = "cuda max_memory_allocated"
     else:
-        row["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        row["peak_kind"] = "peak RSS of a fresh process"
+        row["peak_bytes"] = _status_kib("VmHWM") * 1024 - baseline
+        row["peak_kind"] = "peak RSS growth over the process after imports"
     return row
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the process's peak RSS (Linux: write 5 to clear_refs) and return the RSS now, in bytes,
+    so the peak measured afterwards is that of the model, its optimizers and its steps only."""
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
 
 
 def memory_in_fresh_process(name: str, device: torch.device, batch: int | None, config: str,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from . import context, surgery
@@ -22,6 +23,7 @@ from .kinds.input_dropout import InputDropoutHook
 from .layers import HyperDropout, HyperLayer
 from .layers.dropout import RateInterceptionNeeded
 from .notices import listing, notice
+from . import rows
 from .rows import BatchPerturbationNeeded
 from .specs import HParam, Target, validate_specs
 
@@ -118,6 +120,7 @@ class HyperModel(nn.Module):
         self._layout_seen = False  # a pass with per-example rows has run through
         self._intercept_rates = False  # a tuned dropout's rate is read as a float (attention)
         self._sequence_first = _sequence_first_site(module)
+        self._guide: rows.LayoutGuide | None = None  # layouts found by a one-example probe pass
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -238,6 +241,8 @@ class HyperModel(nn.Module):
             self._fall_back_to_batch(self._sequence_first)
         if self._per_batch is not None:
             point.share_first_row()
+        if self._guide is None and point.rows > 1 and self._per_batch is None:
+            self._guide = self._probe_layouts(point, args, kwargs)
         while True:
             saved = self._norm_stats() if point.rows > 1 and not self._layout_seen else None
             try:
@@ -265,7 +270,8 @@ class HyperModel(nn.Module):
 
     def _run(self, point: Perturbation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         intercept = self._intercept_rates and point.rows > 1
-        with context.active(point), (TunedRateCalls() if intercept else nullcontext()):
+        guide = self._guide if point.rows > 1 else None
+        with context.active(point), rows.guided_by(guide), (TunedRateCalls() if intercept else nullcontext()):
             if self.training:
                 for transform in self._input_transforms:
                     args, kwargs = transform((args, kwargs), point)
@@ -279,6 +285,38 @@ class HyperModel(nn.Module):
                     "F.dropout / F.scaled_dot_product_attention",
                 )
         return out
+
+    @torch.no_grad()
+    def _probe_layouts(self, point: Perturbation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> rows.LayoutGuide:
+        """Run the pass once more on the batch's first example alone (eval mode, no gradient, no
+        running-statistics update) and record each site's input shape: see ``rows.LayoutGuide``.
+        A model that cannot run on one example gets an empty guide (the shape rules decide)."""
+        n = point.rows
+
+        def first(t: Any) -> Any:
+            if torch.is_tensor(t) and t.dim() >= 1 and t.shape[0] == n:
+                return fwAD.unpack_dual(t).primal[:1]
+            return t
+
+        one_args, one_kwargs = torch.utils._pytree.tree_map(first, (args, kwargs))
+        one = Perturbation(
+            self.hparams,
+            point.hparams[:1].detach(),
+            None if point.response_input is None else fwAD.unpack_dual(point.response_input).primal[:1].detach(),
+        )
+        flags = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            with rows.recording() as shapes, context.active(one):
+                self.module(*one_args, **one_kwargs)
+        except Exception:  # noqa: BLE001 - a probe only; the real pass reports real errors
+            shapes = {}
+        finally:
+            for m, flag in flags:
+                m.training = flag
+            for penalty in self._collectors:
+                penalty.outputs.clear()
+        return rows.LayoutGuide(probe=shapes)
 
     def _fall_back_to_batch(self, site: str) -> None:
         """Perturb the whole model per batch from now on: a site cannot carry per-example rows,

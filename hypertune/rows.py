@@ -10,7 +10,9 @@ which is correct for any layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -58,6 +60,94 @@ class RowLayout:
 
 SHARED = RowLayout()
 
+Shape = tuple[int, ...]
+
+
+@dataclass
+class LayoutGuide:
+    """What a pass on one example tells about each site's layout, kept for the model's later passes.
+
+    ``HyperModel`` runs its first pass with per-example rows once more on the batch's first
+    example alone (eval mode, no gradient) and records every site's input shape. Comparing a
+    site's shape on B examples with its shape on one says which axis holds the examples, which
+    the shape alone cannot when sizes coincide (a sequence of B tokens, B heads): an axis that
+    grew B-fold holds them; a tensor that did not change has no batch axis (it is shared, or,
+    like T5's relative-position table, it needs per-batch perturbation).
+    """
+
+    probe: dict[str, list[Shape]] = field(default_factory=dict)
+    # (site, call number in a pass) -> "dim0" | "dim1" | "grows"
+    kinds: dict[tuple[str, int], str] = field(default_factory=dict)
+    _calls: dict[str, int] = field(default_factory=dict)
+
+    def start_pass(self) -> None:
+        self._calls = {}
+
+    def decide(self, where: str, shape: Shape, rows: int) -> RowLayout | None:
+        """The layout of this call, or ``None`` to let the shape rules decide."""
+        j = self._calls.get(where, 0)
+        self._calls[where] = j + 1
+        seen = self.probe.get(where, [])
+        if j < len(seen) and len(seen[j]) == len(shape):
+            one = seen[j]
+            if one == shape:
+                if shape[0] == 1:
+                    self.kinds[(where, j)] = "grows"
+                    return RowLayout(grows=True)
+                raise BatchPerturbationNeeded(
+                    where,
+                    f"{where} sees a tensor of shape {shape} that does not change with the batch size "
+                    "(no batch axis), so its output cannot differ per example",
+                )
+            if shape[0] == rows * one[0] and shape[1:] == one[1:]:
+                self.kinds[(where, j)] = "dim0"
+                return RowLayout(repeat=one[0])
+            if len(shape) >= 2 and one[1] == 1 and shape[1] == rows and shape[0] == one[0] and shape[2:] == one[2:]:
+                self.kinds[(where, j)] = "dim1"
+                return RowLayout(dim=1)
+        kind = self.kinds.get((where, j))
+        if kind == "dim0" and shape[0] % rows == 0:
+            return RowLayout(repeat=shape[0] // rows)
+        if kind == "dim1" and len(shape) >= 2 and shape[1] == rows:
+            return RowLayout(dim=1)
+        if kind == "grows" and shape[0] == 1:
+            return RowLayout(grows=True)
+        return None
+
+
+_recording: dict[str, list[Shape]] | None = None
+_guide: LayoutGuide | None = None
+
+
+@contextmanager
+def recording() -> Iterator[dict[str, list[Shape]]]:
+    """Record every site's input shape during a pass (the probe pass of a :class:`LayoutGuide`)."""
+    global _recording
+    previous, _recording = _recording, {}
+    try:
+        yield _recording
+    finally:
+        _recording = previous
+
+
+def note(where: str, shape: Shape | list[int]) -> None:
+    """Record a site's input shape in a probe pass (a site that is idle in eval mode calls it)."""
+    if _recording is not None:
+        _recording.setdefault(where, []).append(tuple(shape))
+
+
+@contextmanager
+def guided_by(guide: LayoutGuide | None) -> Iterator[None]:
+    """Let ``guide`` decide layouts during a pass."""
+    global _guide
+    previous, _guide = _guide, guide
+    if guide is not None:
+        guide.start_pass()
+    try:
+        yield
+    finally:
+        _guide = previous
+
 
 def layout(
     shape: tuple[int, ...] | list[int], rows: int, where: str, feature_dims: int = 1, sequence_first: bool = True
@@ -67,7 +157,7 @@ def layout(
     ``feature_dims`` trailing axes are never examples (1 for a Linear input, 0 for embedding
     ids). Examples sit on axis 1 only in a (T, B) layout: two leading axes, and
     ``sequence_first`` (False for convolutions, channel dropout and attention probabilities,
-    whose axis 1 is channels or heads).
+    whose axis 1 is channels or heads). A :class:`LayoutGuide` active for the pass decides first.
 
     The rules, in order: one row broadcasts; a leading axis of R is the batch; of 1, shared by
     the batch; a multiple of R with an axis 1 that is not R, batch-major (the k rows of example
@@ -75,8 +165,14 @@ def layout(
     with a leading axis that is no multiple of R, sequence-first. Anything else, including a
     shape that fits two of these, raises :class:`BatchPerturbationNeeded`.
     """
+    shape = tuple(shape)
+    note(where, shape)
     if rows == 1:
         return SHARED
+    if _guide is not None:
+        decided = _guide.decide(where, shape, rows)
+        if decided is not None:
+            return decided
     leading = len(shape) - feature_dims
     if leading < 1:
         raise BatchPerturbationNeeded(

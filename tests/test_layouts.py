@@ -18,7 +18,7 @@ from torch import nn
 
 import hypertune as ht
 from hypertune.context import Perturbation
-from hypertune.rows import BatchPerturbationNeeded, RowLayout, layout
+from hypertune.rows import BatchPerturbationNeeded, LayoutGuide, RowLayout, layout
 
 
 class PositionIds(nn.Module):
@@ -100,7 +100,7 @@ def _inputs(name: str, batch: int) -> torch.Tensor:
     if name == "windows":
         return torch.randn(batch, 3, 4, 4)
     if name == "sequence_first_inside":
-        return torch.randn(batch, 5, 4)
+        return torch.randn(batch, 6, 4)  # (6, B, 4) inside: 6 is a multiple of B, as B·k windows would be
     return torch.randn(batch, 7, 4)
 
 
@@ -233,7 +233,8 @@ def test_a_site_without_a_batch_axis_falls_back_and_keeps_running_stats_single(m
     torch.manual_seed(4)
     model = ht.HyperModel.wrap(Unplaceable(), {"wd": ht.WeightDecay()})
     opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), mode=mode, warmup_steps=0)
-    x, y = torch.randn(4, 5, 4), torch.tensor([0, 1, 1, 0])  # (q, k) = (5, 5): no multiple of 4
+    # (q, k) = (4, 4) with a batch of 4: by shape alone the table's axis 0 would be the batch
+    x, y = torch.randn(4, 4, 4), torch.tensor([0, 1, 1, 0])
     with pytest.warns(UserWarning, match="HyperEmbedding 'bias' cannot take one perturbation per example"):
         opt.train_step(x, y, F.cross_entropy)
     assert model.perturbed_per_batch == "HyperEmbedding 'bias'"
@@ -242,6 +243,23 @@ def test_a_site_without_a_batch_axis_falls_back_and_keeps_running_stats_single(m
     assert int(model.module.norm.num_batches_tracked) == 1
     opt.val_step(x, y, F.cross_entropy)
     assert math.isfinite(opt.train_step(x, y, F.cross_entropy).loss)
+
+
+def test_guide_reads_the_batch_axis_from_a_one_example_pass():
+    guide = LayoutGuide(probe={"s": [(1, 5, 8), (6, 3, 8), (5, 1, 8), (1, 7), (9, 9)]})
+    guide.start_pass()
+    assert guide.decide("s", (4, 5, 8), 4) == RowLayout()
+    assert guide.decide("s", (24, 3, 8), 4) == RowLayout(repeat=6)
+    assert guide.decide("s", (5, 4, 8), 4) == RowLayout(dim=1)
+    assert guide.decide("s", (1, 7), 4) == RowLayout(grows=True)
+    with pytest.raises(BatchPerturbationNeeded, match="does not change with the batch size"):
+        guide.decide("s", (9, 9), 4)
+    assert guide.decide("other", (8, 8), 4) is None  # never seen: the shape rules decide
+    # later passes with other sizes keep the axis found, where the shape rules would be unsure
+    guide.start_pass()
+    assert guide.decide("s", (3, 5, 8), 3) == RowLayout()
+    assert guide.decide("s", (12, 2, 8), 3) == RowLayout(repeat=4)
+    assert guide.decide("s", (6, 3, 8), 3) == RowLayout(dim=1)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .. import context
 from ..attention import TunedRate, intercepting
 from ..errors import HyperTuneError, PerturbationError
-from ..rows import SHARED, layout
+from ..rows import SHARED, layout, note
 from .base import carry_hooks
 
 
@@ -173,6 +173,8 @@ class HyperDropout(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
+            if x.dim() >= 2 + self.shared_trailing_dims:  # the eval-mode probe of rows.LayoutGuide
+                note(f"HyperDropout '{self.hyper_path}'", x.shape)
             return x
         return self.drop_per_example(x)
 

@@ -1,0 +1,163 @@
+"""Gradient accumulation for DeltaSTNOptimizer: k ``train_step`` calls, one update of w₀ and Θ.
+
+``train_step`` runs a forward and a backward per call and steps at once. To keep the memory of a
+micro-batch while updating on the mean of ``k`` of them, :class:`GradientAccumulation` puts an
+:class:`AccumulatingOptimizer` in front of the weights' and Θ's optimizers: each guarded step
+adds its (checked, unscaled) gradients to a running sum instead of stepping, and
+:meth:`GradientAccumulation.flush` steps once on the mean::
+
+    accumulation = GradientAccumulation(stn)
+    for i, (x, y) in enumerate(loader):
+        stn.train_step(x, y, loss_fn)            # forward + backward of one micro-batch
+        if (i + 1) % k == 0:
+            accumulation.flush()                  # one update of w₀ and Θ on the mean gradient
+            if ...: stn.val_step(xv, yv, loss_fn)  # λ steps need no accumulation
+
+With ``k`` micro-batches the Θ step of every micro-batch is taken at the weights the
+accumulated batch started from (without accumulation ``train_step`` takes it after the w₀
+update). A micro-batch whose step was refused (non-finite, ``nonfinite="skip"``) adds nothing;
+the mean is over the micro-batches that did. ``stn.train_steps`` and its History count
+micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import HyperTuneError
+from ..optim import DeltaSTNOptimizer
+
+
+class AccumulatingOptimizer(torch.optim.Optimizer):
+    """Stands in for ``optimizer``: ``step`` adds the gradients to a sum, ``flush`` steps on the mean.
+
+    It shares ``optimizer``'s param groups, state and defaults (LR schedulers, GradScaler and
+    DeltaSTNOptimizer's learning-rate following act on the real optimizer through it), and its
+    ``state_dict`` is the real optimizer's: the sum is empty between updates, where checkpoints
+    are taken.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        # No Optimizer.__init__: the groups, state and defaults are the wrapped optimizer's.
+        self.optimizer = optimizer
+        self._sums: dict[int, tuple[torch.nn.Parameter, Tensor]] = {}
+        self.contributions = 0
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    def _params(self) -> Iterable[torch.nn.Parameter]:
+        return (p for g in self.optimizer.param_groups for p in g["params"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise HyperTuneError("AccumulatingOptimizer.step takes no closure")
+        for p in self._params():
+            if p.grad is None:
+                continue
+            entry = self._sums.get(id(p))
+            if entry is None:
+                self._sums[id(p)] = (p, p.grad.detach().clone())
+            else:
+                entry[1].add_(p.grad)
+        self.contributions += 1
+
+    @torch.no_grad()
+    def flush(self) -> bool:
+        """Step the real optimizer once on the mean gradient; False if nothing was added."""
+        if not self.contributions:
+            self.discard()
+            return False
+        for p in self._params():
+            p.grad = None
+        for p, total in self._sums.values():
+            p.grad = total.div_(self.contributions)
+        try:
+            self.optimizer.step()
+        finally:
+            for p, _ in self._sums.values():
+                p.grad = None
+            self.discard()
+        return True
+
+    def discard(self) -> None:
+        """Forget the gradients added since the last flush."""
+        self._sums.clear()
+        self.contributions = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"AccumulatingOptimizer({self.optimizer!r})"
+
+
+class GradientAccumulation:
+    """Accumulate ``stn``'s w₀ and Θ updates over micro-batches until :meth:`flush`.
+
+    Installs :class:`AccumulatingOptimizer` in front of ``stn.optimizer`` and
+    ``stn.response_optimizer``; :meth:`close` puts the real ones back (call it after the last
+    flush, or use the object as a context manager).
+    """
+
+    def __init__(self, stn: DeltaSTNOptimizer) -> None:
+        if not isinstance(stn, DeltaSTNOptimizer):
+            raise HyperTuneError(
+                f"GradientAccumulation needs a DeltaSTNOptimizer, got {type(stn).__name__}"
+            )
+        if isinstance(stn.optimizer, AccumulatingOptimizer):
+            raise HyperTuneError("this DeltaSTNOptimizer already accumulates gradients")
+        self.stn = stn
+        self.weights = AccumulatingOptimizer(stn.optimizer)
+        self.response = AccumulatingOptimizer(stn.response_optimizer)
+        stn.optimizer = self.weights
+        stn.response_optimizer = self.response
+
+    @property
+    def pending(self) -> int:
+        """Micro-batches whose w₀ gradients wait for the next flush."""
+        return self.weights.contributions
+
+    def flush(self) -> bool:
+        """One update of w₀ and of Θ on the mean of the micro-batches since the last flush.
+
+        Returns whether w₀ was updated (False when every micro-batch was refused).
+        """
+        stepped = self.weights.flush()
+        self.response.flush()
+        return stepped
+
+    def close(self) -> None:
+        """Put the real optimizers back in ``stn`` (pending gradients are dropped)."""
+        self.weights.discard()
+        self.response.discard()
+        if self.stn.optimizer is self.weights:
+            self.stn.optimizer = self.weights.optimizer
+        if self.stn.response_optimizer is self.response:
+            self.stn.response_optimizer = self.response.optimizer
+
+    def __enter__(self) -> GradientAccumulation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -53,6 +53,8 @@ def _setup(mode: str = "delta", *, seed: int = 0, lr: float = 0.05, net: nn.Modu
     with torch.no_grad():  # a non-zero response, so λ's hypergradient is not trivially zero
         for layer in model.hyper_layers().values():
             layer.hyper_projection.weight.normal_(0, 0.5)
+    # Every step has a Θ part and moves σ (both off by default), so each refusal is tested where it can bite.
+    kwargs = {"response_every": 1, "tune_scales": True, **kwargs}
     opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), mode=mode, **kwargs)
     return model, opt
 
@@ -442,7 +444,7 @@ def test_float16_val_step_keeps_lambda_and_sigma_finite():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3)).half()
     model = ht.HyperModel.wrap(net, {"drop": ht.DropoutRate(init=0.2), "wd": ht.WeightDecay(init=1e-3)})
-    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), tune_scales=True)
     x, y = torch.randn(32, 6).half(), torch.randint(0, 3, (32,))
     scale0 = model.hparams.raw_scale.detach().clone()
     for _ in range(3):

@@ -240,7 +240,8 @@ def test_compute_loss_func_and_label_smoothing_give_the_loss(tmp_path):
         return F.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
 
     t = DeltaSTNTrainer(model=wrap(gpt2()), args=args(tmp_path, max_steps=2), train_dataset=Counting(32, 0),
-                        tune_dataset=Counting(16, 1), tune_every=1, compute_loss_func=shifted_loss)
+                        tune_dataset=Counting(16, 1), tune_every=1, compute_loss_func=shifted_loss,
+                        stn_options={"response_every": 1})
     t.train()
     # Two optimizer steps: a w₀ and a Θ pass each, and a λ step each; the model got no labels.
     assert len(calls) == 6 and all(shape == (8, LENGTH) for shape in calls)
@@ -325,7 +326,8 @@ def _mlp_stn() -> tuple[ht.HyperModel, ht.DeltaSTNOptimizer]:
     net = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3)).double()
     hm = ht.HyperModel.wrap(net, {"wd": ht.WeightDecay(init=1e-2)})
     hm.hparams.sample_noise = RowNoise(hm.hparams)
-    return hm, ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.1, momentum=0.9))
+    # Θ on every micro-batch: with response_every=k the Θ cadence counts micro-batches (train_step calls)
+    return hm, ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.1, momentum=0.9), response_every=1)
 
 
 def test_accumulated_micro_batches_update_like_their_union():

@@ -17,7 +17,8 @@ With ``k`` micro-batches the Θ step of every micro-batch is taken at the weight
 accumulated batch started from (without accumulation ``train_step`` takes it after the w₀
 update). A micro-batch whose step was refused (non-finite, ``nonfinite="skip"``) adds nothing;
 the mean is over the micro-batches that did. ``stn.train_steps`` and its History count
-micro-batches.
+micro-batches, and so does ``response_every``: with ``response_every=k`` only every k-th
+micro-batch has a Θ part, and Θ's update is the mean over those.
 """
 
 from __future__ import annotations

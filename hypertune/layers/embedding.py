@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import context
+from ..rows import layout
 from .base import HyperLayer, row_view
 from .registry import register_layer_kind
 

@@ -272,6 +272,14 @@ class HyperModel(nn.Module):
                     raise
                 self._fall_back_to_batch(err.site)
                 point.share_first_row()
+            except RuntimeError:
+                # A batch-1 input (position ids, a positional table) gave a site one output row
+                # per example, and the code after it relied on the 1: perturb per batch instead.
+                grown = rows.grown_site()
+                if point.rows == 1 or self._layout_seen or grown is None:
+                    raise
+                self._fall_back_to_batch(grown)
+                point.share_first_row()
             else:
                 if point.rows > 1:
                     self._layout_seen = True

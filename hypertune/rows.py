@@ -93,7 +93,7 @@ class LayoutGuide:
             if one == shape:
                 if shape[0] == 1:
                     self.kinds[(where, j)] = "grows"
-                    return RowLayout(grows=True)
+                    return _grows(where)
                 raise BatchPerturbationNeeded(
                     where,
                     f"{where} sees a tensor of shape {shape} that does not change with the batch size "
@@ -111,12 +111,27 @@ class LayoutGuide:
         if kind == "dim1" and len(shape) >= 2 and shape[1] == rows:
             return RowLayout(dim=1)
         if kind == "grows" and shape[0] == 1:
-            return RowLayout(grows=True)
+            return _grows(where)
         return None
 
 
 _recording: dict[str, list[Shape]] | None = None
 _guide: LayoutGuide | None = None
+# the first site of the current guided pass whose batch-1 input gave it one output per example
+_grown: list[str] = []
+
+
+def grown_site() -> str | None:
+    """The first site of the last guided pass whose output grew from 1 to R rows, if any: code
+    after it that relies on the 1 (``pos.repeat(B, ...)``) breaks, and the pass must perturb
+    per batch instead."""
+    return _grown[0] if _grown else None
+
+
+def _grows(where: str) -> RowLayout:
+    if not _grown:
+        _grown.append(where)
+    return RowLayout(grows=True)
 
 
 @contextmanager
@@ -141,6 +156,7 @@ def guided_by(guide: LayoutGuide | None) -> Iterator[None]:
     """Let ``guide`` decide layouts during a pass."""
     global _guide
     previous, _guide = _guide, guide
+    _grown.clear()
     if guide is not None:
         guide.start_pass()
     try:
@@ -184,7 +200,7 @@ def layout(
     if n == rows:
         return SHARED
     if n == 1:
-        return RowLayout(grows=True)
+        return _grows(where)
     batch_major = n % rows == 0
     seq_first = sequence_first and leading == 2 and shape[1] == rows
     if batch_major and not seq_first:

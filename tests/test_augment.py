@@ -470,6 +470,10 @@ def test_end_to_end_augmentation_only_in_train_step(mode, monkeypatch):
             for v in c.values():
                 assert torch.equal(v, v.round()) and v.min() >= 0
             assert c["holes"].max() <= 4 and c["length"].max() <= 20
+        # the first perturbed pass is preceded by a one-example probe of the batch's layout
+        # (hypertune.rows.LayoutGuide), run in eval mode: it sees x[:1] unaugmented
+        assert all(torch.equal(s, x[:1]) for s in seen if len(s) == 1)
+        seen = [s for s in seen if len(s) == n]
         assert seen and any((s == 0).any() for s in seen)  # x >= 0.1: zeros are cutout holes
         assert all(torch.equal(s[s != 0], x[s != 0]) for s in seen)
         calls.clear(), seen.clear()

@@ -285,3 +285,32 @@ def test_layout_rules(shape, rows, kw, expected):
 def test_layouts_the_shape_cannot_place_are_refused(shape, rows, kw):
     with pytest.raises(BatchPerturbationNeeded, match="'site'|site"):
         layout(shape, rows, "site", **kw)
+
+
+class RepeatsItsPositions(nn.Module):
+    """XCiT's positional encoding: a projection of a (1, ...) table, then ``.repeat(B, ...)``,
+    which relies on the projection's batch of 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.pos = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        table = torch.linspace(0, 1, t * 3).reshape(1, t, 3)
+        pos = self.pos(table).repeat(b, 1, 1)  # (B, T, 4) only if pos(table) kept its batch of 1
+        return self.head(self.proj(x) + pos).mean(1)
+
+
+@pytest.mark.parametrize("mode", ["delta", "centered", "stn"])
+def test_code_that_relies_on_a_batch_of_one_falls_back_to_per_batch(mode):
+    torch.manual_seed(5)
+    model = ht.HyperModel.wrap(RepeatsItsPositions(), {"wd": ht.WeightDecay()})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), mode=mode, warmup_steps=0)
+    x, y = torch.randn(3, 5, 4), torch.tensor([0, 1, 1])
+    with pytest.warns(UserWarning, match="HyperLinear 'pos' cannot take one perturbation per example"):
+        assert not opt.train_step(x, y, F.cross_entropy).skipped
+    assert opt.val_step(x, y, F.cross_entropy).updated
+    assert model.perturbed_per_batch == "HyperLinear 'pos'"

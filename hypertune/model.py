@@ -30,6 +30,17 @@ from .specs import HParam, Target, validate_specs
 __all__ = ["HyperModel", "Coverage", "InputDropoutHook"]
 
 
+def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 def _first_tensor(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor | None:
     leaves = torch.utils._pytree.tree_leaves((list(args), dict(kwargs)))
     return next((x for x in leaves if torch.is_tensor(x)), None)
@@ -261,6 +272,9 @@ class HyperModel(nn.Module):
             self._guide = self._probe_layouts(point, args, kwargs)
         while True:
             saved = self._norm_stats() if point.rows > 1 and not self._layout_seen else None
+            # The retry must draw the same dropout masks as a run that never needed it (a resumed
+            # run learns the layout again, so its random stream must not depend on the retry).
+            rng = _rng_state() if saved is not None else None
             try:
                 out = self._run(point, args, kwargs)
             except RateInterceptionNeeded:
@@ -289,6 +303,8 @@ class HyperModel(nn.Module):
             # run the pass again: undo what the interrupted pass left behind
             for buf, value in saved or ():
                 buf.copy_(value)
+            if rng is not None:
+                _set_rng_state(rng)
             for penalty in self._collectors:
                 penalty.outputs.clear()
 

@@ -167,12 +167,6 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
     _resume_matches(tmp_path, [d for d in DROPOUTS if "attn_dropout" not in d])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HyperModel learns to intercept attention-dropout rates on the first perturbed pass by "
-    "running that pass again; the failed attempt's dropout masks consume RNG draws, so a resumed "
-    "run (which learns it again) leaves the uninterrupted run's random stream (model.py, issue 12)",
-)
 def test_resume_matches_with_attention_dropout_tuned(tmp_path):
     _resume_matches(tmp_path, DROPOUTS)
 

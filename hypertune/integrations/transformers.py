@@ -28,8 +28,7 @@ the current values λ₀ (regularizers off in eval mode).
 Checkpoints (``save_steps``) hold the whole HyperModel (w₀, Θ, λ, σ) as ``pytorch_model.bin``
 and the state of every inner optimizer, λ and σ, the step counters, the History and the
 position in ``tune_dataset`` in ``optimizer.pt``: ``train(resume_from_checkpoint=...)`` continues
-the run exactly (on CPU, bit for bit; with a tuned attention dropout the first perturbed pass
-after the resume draws extra random numbers, so the runs part there). :meth:`DeltaSTNTrainer.save_model` (called by you) saves the *unwrapped* model
+the run exactly (on CPU, bit for bit). :meth:`DeltaSTNTrainer.save_model` (called by you) saves the *unwrapped* model
 from a copy, loadable with ``from_pretrained``, plus ``hypertune_values.json`` (final values; a
 model's config cannot carry per-site dropout rates, :func:`load_tuned_dropout` applies them).
 At the end of ``train()`` the schedule is written to ``output_dir`` as

@@ -113,9 +113,13 @@ def _load_jvp_decompositions() -> None:
 
 
 def make_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
-    """``fwAD.make_dual`` for hyper-layers, without torch's first-use deprecation warning."""
+    """``fwAD.make_dual`` for hyper-layers, without torch's first-use deprecation warning.
+
+    The tangent takes the primal's dtype: under autocast the primal (w₀'s output) can be bf16
+    while Θ's contribution came out float32, and ops on a dual of mixed dtypes fail.
+    """
     _load_jvp_decompositions()
-    return fwAD.make_dual(primal, tangent)
+    return fwAD.make_dual(primal, tangent.to(primal.dtype))
 
 
 # torch keeps one forward-AD dual level for the whole process, not one per thread (a second

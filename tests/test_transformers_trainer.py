@@ -266,12 +266,6 @@ def test_bf16_autocast_on_cpu(tmp_path):
     _bf16_run(tmp_path, exclude=["*.c_attn", "*.c_proj", "*.c_fc"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="under bf16 autocast, Δ-STN's linearized Θ step through GPT-2's Conv1D hyper-layers "
-    "fails in hypertune.attention.math_attention ('expected scalar type Float but found BFloat16'; "
-    "also with DeltaSTNOptimizer(autocast=torch.bfloat16) alone, issue 12)",
-)
 def test_bf16_autocast_with_conv1d_hyper_layers(tmp_path):
     _bf16_run(tmp_path, exclude=[])
 

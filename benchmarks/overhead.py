@@ -225,7 +225,7 @@ def _build_step(name: str, device: torch.device, batch: int | None, config: str,
 
 
 def memory_row(name: str, device: torch.device, batch: int | None, config: str, options: dict | None,
-               steps: int = 2 * T_TRAIN_PER_VAL) -> dict:
+               steps: int = T_TRAIN_PER_VAL) -> dict:
     """Bytes of parameters and optimizer state, and the peak memory of ``steps`` steps."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -24,9 +24,10 @@ from .specs import HParam
 #: loss 0.232 against 0.188 with σ held at 1); and where a hyperparameter barely changes the
 #: validation loss (Θ ≈ 0, e.g. an optimum on a bound) nothing opposes the entropy bonus and σ
 #: grew to ~20 on the tuning scale (benchmarks/RESULTS.md, "σ₀" and "Defaults that tune"). When
-#: a user tunes σ, these bounds keep both failures finite: σ₀/10 still lets σ settle where the
-#: linear toy's exact fixed point puts it (0.07–0.27 from σ₀ = 0.5), and 4·σ₀ already sweeps a
-#: rate across most of its range.
+#: a user tunes σ, these bounds keep it finite and away from zero; they do not stop the early
+#: shrinking (holding σ does). σ₀/10 still lets σ settle where the linear toy's exact fixed
+#: point puts it (0.07–0.27 from σ₀ = 0.5), and 4·σ₀ already sweeps a rate across most of its
+#: range.
 SCALE_RANGE: tuple[float, float] = (0.1, 4.0)
 
 
@@ -38,8 +39,9 @@ class _ProjectedClamp(torch.autograd.Function):
     """Clamp σ into [low, high]; pass the gradient unless it would push σ further out.
 
     A plain clamp has zero gradient outside its range, so a σ that touched a bound would stay
-    there for good; this is projected gradient descent instead: the raw value overshoots by at
-    most one step, and the first gradient pointing back inside moves σ again.
+    there for good; this is projected gradient descent instead: the raw value passes the bound by
+    at most the step that crossed it (for an optimizer without momentum, such as the default
+    RMSprop), and the first gradient pointing back inside moves σ again.
     """
 
     @staticmethod

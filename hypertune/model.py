@@ -274,7 +274,8 @@ class HyperModel(nn.Module):
             saved = self._norm_stats() if point.rows > 1 and not self._layout_seen else None
             # The retry must draw the same dropout masks as a run that never needed it (a resumed
             # run learns the layout again, so its random stream must not depend on the retry).
-            rng = _rng_state() if saved is not None else None
+            # (Not while compiling: reading the random state would break the graph.)
+            rng = _rng_state() if saved is not None and not torch.compiler.is_compiling() else None
             try:
                 out = self._run(point, args, kwargs)
             except RateInterceptionNeeded:

@@ -140,6 +140,15 @@ class Claim:
     sites: dict[str, list[Site]] = field(default_factory=dict)
     roles: list[tuple[Site, str, str]] = field(default_factory=list)
 
+    def take_role(self, sites: WrapSites, site: Site, role: str, value: str, what: str, fix: str) -> bool:
+        """Claim hyper-layer ``site``'s regularizer ``role`` for tuned value ``value`` (refused,
+        with a problem in ``sites``, when another spec has it)."""
+        if not sites.claim_role(site, role, value, what, fix):
+            return False
+        self.roles.append((site, role, value))
+        self.sites.setdefault(value, []).append(site)
+        return True
+
 
 # ---- what install() writes into ---------------------------------------------------------------------
 @dataclass
@@ -288,7 +297,11 @@ class HParam:
         return Claim({name: self})
 
     def install(self, name: str, claim: Claim, into: Installation) -> None:
-        """Put the spec into the wrapped model (called once the whole model validated)."""
+        """Put the spec into the wrapped model (called once the whole model validated). By
+        default: give each claimed hyper-layer role its tuned value; kinds that swap or hook
+        modules override this."""
+        for site, role, value in claim.roles:
+            into.module_at(site.path).attach_regularizer(role, value)  # type: ignore[operator]
 
     def where(self, claim: Claim, value_name: str, model: nn.Module) -> dict[str, Any]:
         """Where tuned value ``value_name`` acts, as plain data (saved with schedules)."""

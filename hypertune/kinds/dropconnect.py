@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..errors import SpecError
 from ..sites import Target, as_targets, selects
-from .base import Claim, HParam, Installation, Perturb, WrapSites, register_hparam_kind
+from .base import Claim, HParam, Perturb, WrapSites, register_hparam_kind
 from .dropout import rate_bounds
 
 
@@ -45,11 +45,5 @@ class DropConnect(HParam):
             sites.problems.append(f"hparams[{name!r}] (DropConnect) matches no hyper-layer: check its targets")
         claim = Claim({name: self}, {name: []})
         for site in chosen:
-            if sites.claim_role(site, "dropconnect", name, "gets DropConnect", "give each layer one"):
-                claim.roles.append((site, "dropconnect", name))
-                claim.sites[name].append(site)
+            claim.take_role(sites, site, "dropconnect", name, "gets DropConnect", "give each layer one")
         return claim
-
-    def install(self, name: str, claim: Claim, into: Installation) -> None:
-        for site, role, value in claim.roles:
-            into.module_at(site.path).attach_regularizer(role, value)  # type: ignore[operator]

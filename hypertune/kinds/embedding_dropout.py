@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sites import Target, as_targets, selects
-from .base import Claim, FixedForm, FixedFormError, HParam, Installation, WrapSites, register_hparam_kind
+from .base import Claim, FixedForm, FixedFormError, HParam, WrapSites, register_hparam_kind
 from .dropout import rate_bounds
 
 
@@ -44,14 +44,8 @@ class EmbeddingDropout(HParam):
             )
         claim = Claim({name: self}, {name: []})
         for site in chosen:
-            if sites.claim_role(site, "word_dropout", name, "gets EmbeddingDropout", "give each layer one"):
-                claim.roles.append((site, "word_dropout", name))
-                claim.sites[name].append(site)
+            claim.take_role(sites, site, "word_dropout", name, "gets EmbeddingDropout", "give each layer one")
         return claim
-
-    def install(self, name: str, claim: Claim, into: Installation) -> None:
-        for site, role, value in claim.roles:
-            into.module_at(site.path).attach_regularizer(role, value)  # type: ignore[operator]
 
     def fixed_form(self, model: nn.Module, where: Mapping[str, Any], value: float) -> FixedForm | None:
         paths = where.get("modules")

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import SpecError
 from ..sites import Target, as_targets, describe, selects
-from .base import Claim, HParam, Installation, WrapSites, register_hparam_kind
+from .base import Claim, HParam, WrapSites, register_hparam_kind
 from .dropout import rate_bounds
 
 
@@ -66,16 +66,10 @@ class VariationalDropout(HParam):
                     f"which hparams[{name!r}] would replace: build the LSTM with dropout=0"
                 )
                 continue
-            if sites.claim_role(site, role, name, f"gets on={self.on!r} VariationalDropout", "give each LSTM one"):
-                claim.roles.append((site, role, name))
-                claim.sites[name].append(site)
+            claim.take_role(sites, site, role, name, f"gets on={self.on!r} VariationalDropout", "give each LSTM one")
         if not claim.roles and len(sites.problems) == refused:
             sites.problems.append(
                 f"hparams[{name!r}] (VariationalDropout, on={self.on!r}) matches no nn.LSTM "
                 f"hyper-layer{' with two or more layers' if self.on == 'hidden' else ''}: check its targets"
             )
         return claim
-
-    def install(self, name: str, claim: Claim, into: Installation) -> None:
-        for site, role, value in claim.roles:
-            into.module_at(site.path).attach_regularizer(role, value)  # type: ignore[operator]

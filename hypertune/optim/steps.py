@@ -226,14 +226,24 @@ def base_part(ctx: StepContext, tx: StepTransaction, batch: Batch, loss_fn: Loss
     hm = ctx.hyper_model
     point = hm.current_point()
     with no_grad_for(ctx.response_params + ctx.hyper_params), hm.evaluated_at(point), hm.collecting_activations():
-        with ctx.autocast_region(), call_census(hm, census) as called:
-            out = ctx.model(*batch.args, **batch.kwargs)
-            data_loss, total = objective(ctx, out, batch.target, loss_fn, point)
-        if census and (error := uncalled_error(hm, called)) is not None:
-            raise error
-        _require_graph(data_loss, ctx.base_params)
+        data_loss, total = _checked_forward(ctx, batch, loss_fn, point, census)
         tx.backward("w₀ step", data_loss, total, ctx.base_params, [ctx.optimizer])
     return data_loss.detach()
+
+
+def _checked_forward(
+    ctx: StepContext, batch: Batch, loss_fn: LossFn, point: Perturbation, census: bool
+) -> tuple[Tensor, Tensor]:
+    """The forward and loss of a part that trains w₀; on a census step, refuse hyper-layers the
+    forward never reached and hyperparameters no module read."""
+    hm = ctx.hyper_model
+    with ctx.autocast_region(), call_census(hm, census) as called:
+        out = ctx.model(*batch.args, **batch.kwargs)
+        data_loss, total = objective(ctx, out, batch.target, loss_fn, point)
+    if census and (error := uncalled_error(hm, called)) is not None:
+        raise error
+    _require_graph(data_loss, ctx.base_params)
+    return data_loss, total
 
 
 def response_part(ctx: StepContext, tx: StepTransaction, batch: Batch, loss_fn: LossFn, linearize: bool) -> Tensor:
@@ -260,20 +270,17 @@ def response_part(ctx: StepContext, tx: StepTransaction, batch: Batch, loss_fn: 
         except (NotImplementedError, RuntimeError) as err:
             # NotImplementedError: no forward-AD formula ("... has not been implemented yet",
             # "You must implement the jvp function ..."); RuntimeError: no backward of one.
-            inplace = "modified by an inplace operation" in str(err)
-            if not linearize or (
-                not isinstance(err, NotImplementedError)
-                and "not implemented" not in str(err).lower()
-                and not inplace
-            ):
+            if not linearize:
                 raise
-            if inplace:
+            if "modified by an inplace operation" in str(err):
                 raise HyperTuneError(
                     "an in-place op in the model's forward overwrote a tensor that the backward of "
                     f"Δ-STN's linearized Θ step needs ({err}). Make that op out of place (x += y -> "
                     "x = x + y, inplace=True -> False), or use mode='centered', which does not "
                     "linearize"
                 ) from err
+            if not isinstance(err, NotImplementedError) and "not implemented" not in str(err).lower():
+                raise
             raise HyperTuneError(
                 "Δ-STN's linearized Θ step needs forward-mode derivatives (and their backward) of "
                 f"every op in the model's forward, and PyTorch lacks one here: {err}. Use "
@@ -287,12 +294,7 @@ def stn_part(ctx: StepContext, tx: StepTransaction, batch: Batch, loss_fn: LossF
     hm = ctx.hyper_model
     point = perturbed_point(hm, batch.rows, linearize=False)
     with no_grad_for(ctx.hyper_params), hm.evaluated_at(point), hm.collecting_activations():
-        with ctx.autocast_region(), call_census(hm, census) as called:
-            out = ctx.model(*batch.args, **batch.kwargs)
-            data_loss, total = objective(ctx, out, batch.target, loss_fn, point)
-        if census and (error := uncalled_error(hm, called)) is not None:
-            raise error
-        _require_graph(data_loss, ctx.base_params)
+        data_loss, total = _checked_forward(ctx, batch, loss_fn, point, census)
         tx.backward(
             "STN step",
             data_loss,

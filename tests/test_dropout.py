@@ -29,7 +29,8 @@ def binomial_bound(p: float, n: int, sigmas: float = 4.0) -> float:
 
 
 def assert_rows_drop_at_rate(out: torch.Tensor, x: torch.Tensor, rate: torch.Tensor, sigmas: float = 4.0) -> None:
-    """Per row: dropped fraction within the binomial bound, kept entries exactly x / (1 - p)."""
+    """Per row: dropped fraction within the binomial bound, kept entries exactly x · (1 / (1 - p)),
+    the scale rounded once in x's dtype, as torch's own dropout computes it."""
     rows = out.shape[0]
     flat_out, flat_x = out.reshape(rows, -1), x.reshape(rows, -1)
     keep = 1.0 - rate.to(x.dtype)
@@ -40,7 +41,8 @@ def assert_rows_drop_at_rate(out: torch.Tensor, x: torch.Tensor, rate: torch.Ten
         frac = dropped.double().mean().item()
         assert abs(frac - p) <= binomial_bound(p, n, sigmas), (i, p, frac)
         kept = ~dropped
-        assert torch.equal(flat_out[i][kept], flat_x[i][kept] / keep[i])
+        scale = torch.ones((), dtype=x.dtype) / keep[i]
+        assert torch.equal(flat_out[i][kept], flat_x[i][kept] * scale)
     if (rate == 0).any():
         zero_rows = rate == 0
         assert torch.equal(out[zero_rows], x[zero_rows])
@@ -118,7 +120,7 @@ def test_channel_dropout_drops_whole_channels(shared):
         assert abs(frac - p) <= binomial_bound(p, channels), (i, p, frac)
     keep = (1 - rate).reshape(batch, *[1] * (x.dim() - 1))
     kept = out != 0
-    assert torch.equal(out[kept], (x / keep)[kept])
+    assert torch.equal(out[kept], (x * (1 / keep))[kept])
 
 
 @pytest.mark.parametrize("shared", [1, 2, 3])

@@ -57,7 +57,11 @@ def dropout_per_example(
         mask_shape[locked_dim] = 1
     keep = lay.place(1.0 - rate, x.dim())
     mask = torch.rand(mask_shape, device=x.device, dtype=keep.dtype) < keep
-    return x * mask.to(x.dtype) / keep.to(x.dtype)
+    # One pass over x, as torch's own dropout does (noise.div_(keep), then one multiply): the
+    # scale is built at the mask's size, in place; its forward-AD tangent and backward are one
+    # multiply each too.
+    scale = mask.to(x.dtype)
+    return x * scale.div_(keep.to(x.dtype))
 
 
 class RateInterceptionNeeded(PerturbationError):

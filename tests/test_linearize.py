@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -149,3 +151,108 @@ def test_first_linearized_step_emits_no_torch_deprecation_warning():
     )
     done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# ---- ops rewritten in the linearized pass: the same dual as torch's own forward AD ------------
+_AFFINE_CALLS = {
+    "mul": lambda a, b: a * b,
+    "rmul": lambda a, b: b * a,
+    "torch.mul": lambda a, b: torch.mul(a, b),
+    "add": lambda a, b: a + b,
+    "radd": lambda a, b: b + a,
+    "add alpha": lambda a, b: torch.add(b, a, alpha=-2.5),
+    "sub": lambda a, b: a - b,
+    "rsub": lambda a, b: b - a,
+    "sub alpha": lambda a, b: torch.sub(b, a, alpha=0.5),
+    "div": lambda a, b: a / b,
+    "div by dual": lambda a, b: b / a,  # not affine in a: left to forward AD
+}
+
+
+def _dual_call(call, x_p, x_t, other, rewrite: bool):
+    """(primal, tangent, d sum(tangent) / d x_t) of ``call(dual x, other)``."""
+    import torch.autograd.forward_ad as fwAD
+
+    from hypertune.linearize import _LinearizableOps
+
+    x_t = x_t.clone().requires_grad_(True)
+    with fwAD.dual_level():
+        mode = _LinearizableOps(hardsigmoid=False) if rewrite else contextlib.nullcontext()
+        with mode:
+            out = call(fwAD.make_dual(x_p, x_t), other)
+        primal, tangent = fwAD.unpack_dual(out)
+        (grad,) = torch.autograd.grad(tangent.sum(), x_t)
+    return primal.detach(), tangent.detach(), grad
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(sorted(_AFFINE_CALLS)),
+    st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    st.sampled_from(["full", "suffix", "ones", "scalar tensor", "float", "int", "grows"]),
+    st.integers(0, 2**16),
+)
+def test_affine_rewrite_gives_torchs_dual_exactly(name, shape, other_kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    x_p, x_t = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    if other_kind == "full":
+        other = torch.rand(shape, generator=g) + 0.5
+    elif other_kind == "suffix":
+        other = torch.rand(shape[1:], generator=g) + 0.5
+    elif other_kind == "ones":
+        other = torch.rand([1] * len(shape), generator=g) + 0.5
+    elif other_kind == "scalar tensor":
+        other = torch.tensor(1.7, dtype=torch.float64)  # 0-dim: x's dtype wins
+    elif other_kind == "float":
+        other = 0.37
+    elif other_kind == "int":
+        other = 3
+    else:  # broadcasting grows the result: left to forward AD
+        other = torch.rand([2, *shape], generator=g) + 0.5
+    call = _AFFINE_CALLS[name]
+    want = _dual_call(call, x_p, x_t, other, rewrite=False)
+    got = _dual_call(call, x_p, x_t, other, rewrite=True)
+    for w, h in zip(want, got):
+        assert w.dtype == h.dtype and w.shape == h.shape
+        assert torch.equal(w, h)
+
+
+def test_affine_rewrite_keeps_type_promotion_to_forward_ad():
+    x_p, x_t = torch.randn(3, 4, dtype=torch.float16), torch.randn(3, 4, dtype=torch.float16)
+    other = torch.rand(3, 4)  # float32: the result is float32, so forward AD does it
+    want = _dual_call(_AFFINE_CALLS["mul"], x_p, x_t, other, rewrite=False)
+    got = _dual_call(_AFFINE_CALLS["mul"], x_p, x_t, other, rewrite=True)
+    assert got[1].dtype == torch.float32
+    for w, h in zip(want, got):
+        assert torch.equal(w, h)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 6), st.booleans(), st.integers(0, 2**16))
+def test_layer_norm_rewrite_matches_forward_ad(rows, width, affine, seed):
+    g = torch.Generator().manual_seed(seed)
+    x_p, x_t = torch.randn(rows, 3, width, generator=g), torch.randn(rows, 3, width, generator=g)
+    weight = torch.randn(width, generator=g) if affine else None
+    bias = torch.randn(width, generator=g) if affine else None
+
+    def call(x, _):
+        return torch.nn.functional.layer_norm(x, (width,), weight, bias, 1e-5)
+
+    want = _dual_call(call, x_p, x_t, None, rewrite=False)
+    got = _dual_call(call, x_p, x_t, None, rewrite=True)
+    for w, h in zip(want, got):
+        torch.testing.assert_close(h, w, rtol=1e-6, atol=1e-6)
+
+
+def test_in_place_op_after_a_rewritten_add_leaves_the_input_dual_alone():
+    import torch.autograd.forward_ad as fwAD
+
+    from hypertune.linearize import _LinearizableOps
+
+    x_p, x_t, bias = torch.randn(4, 5), torch.randn(4, 5), torch.randn(5)
+    with fwAD.dual_level(), _LinearizableOps(hardsigmoid=False):
+        x = fwAD.make_dual(x_p, x_t.clone())
+        y = x + bias
+        y.relu_()
+        assert torch.equal(fwAD.unpack_dual(x).tangent, x_t)
+        assert torch.equal(fwAD.unpack_dual(y).tangent, x_t * (x_p + bias > 0))

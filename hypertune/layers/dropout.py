@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .. import context
 from ..attention import TunedRate, intercepting
 from ..errors import HyperTuneError, PerturbationError
+from ..linearize import scale_tangent_too
 from ..rows import SHARED, layout, note
 from .base import carry_hooks
 
@@ -60,8 +61,8 @@ def dropout_per_example(
     # One pass over x, as torch's own dropout does (noise.div_(keep), then one multiply): the
     # scale is built at the mask's size, in place; its forward-AD tangent and backward are one
     # multiply each too.
-    scale = mask.to(x.dtype)
-    return x * scale.div_(keep.to(x.dtype))
+    scale = mask.to(x.dtype).div_(keep.to(x.dtype))
+    return scale_tangent_too(x, scale)  # in Δ-STN's Θ step x carries a tangent
 
 
 class RateInterceptionNeeded(PerturbationError):

@@ -507,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help=f"override the number of steps ({SETTINGS['steps']}; for quick checks)")
     parser.add_argument("--response-every", type=int, help=f"override Θ's cadence ({SETTINGS['response_every']})")
     parser.add_argument("--tune-scales", action="store_true", help="tune σ (entropy bonus) instead of holding it")
+    parser.add_argument("--init-scale", type=float, help=f"override σ0 ({SETTINGS['init_scale']})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = dict(SETTINGS)
@@ -516,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.response_every is not None:
         settings["response_every"] = args.response_every
     settings["tune_scales"] = settings["tune_scales"] or args.tune_scales
+    if args.init_scale is not None:
+        settings["init_scale"] = args.init_scale
 
     if args.figure:
         rows = make_figure(args.data_dir, args.hparam, args.seed, args.figure, settings)

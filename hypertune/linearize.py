@@ -56,8 +56,9 @@ class _LinearizableOps(TorchFunctionMode):
             return _softmax_call(func, *args, **kwargs)
         if self.hardsigmoid and func is F.hardsigmoid:
             return F.relu6(args[0] + 3.0) / 6.0
-        if func is F.layer_norm:
-            return _layer_norm(*args, **kwargs)
+        slots = _NORMS.get(func)
+        if slots is not None:
+            return _norm_call(func, slots, args, kwargs)
         kind = _AFFINE.get(func)
         if kind is not None:
             out = _affine_in_dual(kind, func, args, kwargs)
@@ -121,16 +122,30 @@ def _broadcasts_into(shape: torch.Size, target: torch.Size) -> bool:
     return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
-def _layer_norm(x: torch.Tensor, normalized_shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
-    """F.layer_norm of a dual input with plain weight and bias, given explicit zero tangents:
-    forward AD's rule otherwise builds zero tensors for them with a shape check in Python
-    (two per call, 0.5–1 ms each on torch 2.14); zeros of the weight's size cost next to nothing."""
-    if fwAD.unpack_dual(x).tangent is not None:
-        if torch.is_tensor(weight) and fwAD.unpack_dual(weight).tangent is None:
-            weight = fwAD.make_dual(weight, torch.zeros_like(weight))
-        if torch.is_tensor(bias) and fwAD.unpack_dual(bias).tangent is None:
-            bias = fwAD.make_dual(bias, torch.zeros_like(bias))
-    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+# Where each norm takes its affine weight and bias (positional index, keyword).
+_NORMS: dict[Any, tuple[int, int]] = {F.layer_norm: (2, 3), F.batch_norm: (3, 4), F.group_norm: (2, 3)}
+
+
+def _norm_call(func: Callable[..., Any], slots: tuple[int, int], args: tuple, kwargs: dict) -> Any:
+    """A norm of a dual input whose weight and bias are plain tensors, given explicit zero
+    tangents: forward AD's rule otherwise builds zero tensors for them with a shape check in
+    Python (two per call, 0.5–1 ms each on torch 2.14); zeros of the weight's size cost next to
+    nothing, and the result is the same dual."""
+    if not args or not torch.is_tensor(args[0]) or fwAD.unpack_dual(args[0]).tangent is None:
+        return func(*args, **kwargs)
+    args = list(args)
+    for name, index in zip(("weight", "bias"), slots):
+        if name in kwargs:
+            kwargs[name] = _with_zero_tangent(kwargs[name])
+        elif index < len(args):
+            args[index] = _with_zero_tangent(args[index])
+    return func(*args, **kwargs)
+
+
+def _with_zero_tangent(t: Any) -> Any:
+    if not torch.is_tensor(t) or fwAD.unpack_dual(t).tangent is not None:
+        return t
+    return fwAD.make_dual(t, torch.zeros_like(t))
 
 
 _SOFTMAX = {

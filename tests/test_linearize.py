@@ -227,16 +227,29 @@ def test_affine_rewrite_keeps_type_promotion_to_forward_ad():
         assert torch.equal(w, h)
 
 
-@settings(max_examples=20, deadline=None)
-@given(st.integers(1, 3), st.integers(2, 6), st.booleans(), st.integers(0, 2**16))
-def test_layer_norm_rewrite_matches_forward_ad(rows, width, affine, seed):
+_NORM_CALLS = {
+    "layer_norm": lambda x, w, b: torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, 1e-5),
+    "layer_norm kw": lambda x, w, b: torch.nn.functional.layer_norm(x, (x.shape[-1],), weight=w, bias=b),
+    "batch_norm train": lambda x, w, b: torch.nn.functional.batch_norm(
+        x.transpose(1, 2), None, None, w, b, training=True
+    ),
+    "batch_norm eval": lambda x, w, b: torch.nn.functional.batch_norm(
+        x.transpose(1, 2), torch.linspace(-1, 1, x.shape[-1]), torch.linspace(0.5, 2, x.shape[-1]), w, b, False
+    ),
+    "group_norm": lambda x, w, b: torch.nn.functional.group_norm(x.transpose(1, 2), 1, w, b),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(sorted(_NORM_CALLS)), st.integers(2, 3), st.integers(2, 6), st.booleans(), st.integers(0, 2**16))
+def test_norm_rewrites_match_forward_ad(name, rows, width, affine, seed):
     g = torch.Generator().manual_seed(seed)
     x_p, x_t = torch.randn(rows, 3, width, generator=g), torch.randn(rows, 3, width, generator=g)
     weight = torch.randn(width, generator=g) if affine else None
     bias = torch.randn(width, generator=g) if affine else None
 
     def call(x, _):
-        return torch.nn.functional.layer_norm(x, (width,), weight, bias, 1e-5)
+        return _NORM_CALLS[name](x, weight, bias)
 
     want = _dual_call(call, x_p, x_t, None, rewrite=False)
     got = _dual_call(call, x_p, x_t, None, rewrite=True)

@@ -33,12 +33,17 @@ class Perturbation:
     ``hparams`` (R, h) are the unconstrained values at which regularizers act (λ₀ + ε).
     With ``linearize`` the hyper-layers add their response to the forward-AD tangent instead of
     the primal, so the output's tangent is J_yw Θ δλ (Δ-STN).
+    ``at_center`` says δλ is exactly zero in value (the λ step with σ held, centered modes): Θ's
+    term ``s(δλ) ⊙ W_resp x`` is then zero, and so is its derivative in the layer's input ``x``;
+    only its derivative in δλ is not. Layers then keep ``x`` out of that term's graph, which
+    saves one input-gradient pass per layer in the λ step and changes no gradient.
     """
 
     space: HyperParameters
     hparams: Tensor
     response_input: Tensor | None = None
     linearize: bool = False
+    at_center: bool = False
     _values: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property

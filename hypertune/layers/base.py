@@ -276,7 +276,7 @@ class HyperLayer(nn.Module):
             return out
         s_w, s_b = self.split(self.hyper_projection(p.response_input))
         if not p.linearize:
-            return out + self.response(x, s_w, s_b, wr, br)
+            return out + self.response(x.detach() if p.at_center else x, s_w, s_b, wr, br)
         # Δ-STN: the primal stays w₀'s output, Θ δλ enters only the tangent, so the primal path
         # never touches Θ and needs no graph. The layer's own tangent is written out rather than
         # left to forward AD, whose addmm/conv rules also multiply by the weight's (zero) tangent.

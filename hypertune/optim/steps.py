@@ -322,7 +322,7 @@ def hyper_part(
         eps = torch.zeros(1, len(hp), dtype=lam.dtype, device=lam.device)
     perturbed = lam.unsqueeze(0) + eps
     response_input = perturbed - lam.detach() if hm.centered else perturbed
-    point = Perturbation(hp, perturbed.detach(), response_input)
+    point = Perturbation(hp, perturbed.detach(), response_input, at_center=hm.centered and not tune_scales)
     with no_grad_for(ctx.base_params + ctx.response_params):
         with ctx.autocast_region():
             with hm.evaluated_at(point):

@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--val-batch-size", type=int, default=32,
+                        help="validation examples per λ step (a larger batch: a less noisy λ step)")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--print-every", type=int, default=10)
     args = parser.parse_args(argv)
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             opt.train_step(x, y, F.cross_entropy)
             step += 1
             if step % 5 == 0:  # T_train / T_valid = 5 / 1, as in the paper
-                idx = torch.randint(0, len(xv), (args.batch_size,), generator=gen_v)
+                idx = torch.randint(0, len(xv), (args.val_batch_size,), generator=gen_v)
                 opt.val_step(xv[idx], yv[idx], F.cross_entropy)
         streams["tuned"] = torch.get_rng_state()
         if epoch % args.print_every == 0 or epoch == 1:

@@ -1,23 +1,31 @@
-"""One tuned run of oracle_gap.py without its grid, to vary one setting (here: the warm-up).
+"""One tuned run of oracle_gap.py without its grid, to vary one setting at a time.
 
     python benchmarks/oracle_runs/tuned_only.py --warmup-steps 200 --epochs 100 --start 0.05
+    python benchmarks/oracle_runs/tuned_only.py --hyper-lr 0.03 --epochs 100 --start 0.05
+
+The loop is oracle_gap.py's tuned run (a λ step after every 5th train step, scored every 50
+steps); the options not given keep the library's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
-import oracle_gap  # noqa: E402
+import compare  # noqa: E402
 
-from hypertune.experiments import load_image_classification  # noqa: E402
+import hypertune as ht  # noqa: E402
+from hypertune.experiments import TensorLoader, load_image_classification  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashionmnist"])
@@ -25,13 +33,41 @@ parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "dataset
 parser.add_argument("--train-subset", type=int, default=2000)
 parser.add_argument("--epochs", type=int, default=100)
 parser.add_argument("--start", type=float, default=0.05)
-parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--warmup-steps", type=int, default=0)
+parser.add_argument("--hyper-lr", type=float, default=None, help="λ's RMSprop rate (library default 1e-2)")
+parser.add_argument("--response-lr", type=float, default=None, help="Θ's Adam rate (library default 1e-3)")
+parser.add_argument("--init-scale", type=float, default=compare.DROPOUT_SCALE, help="σ0 of the dropout rates")
+parser.add_argument("--response-every", type=int, default=None)
 args = parser.parse_args()
-run_args = argparse.Namespace(lr=0.01, batch_size=128, warmup_steps=args.warmup_steps, epochs=args.epochs,
-                              eval_every=50, seed=args.seed)
 torch.set_num_threads(1)
 data = load_image_classification(args.dataset, args.data_root, val_fraction=0.15, seed=0)
 data["train"] = tuple(t[: args.train_subset] for t in data["train"])
-r = oracle_gap.tuned_run(args.dataset, args.start, data, run_args)
-print(json.dumps({k: r[k] for k in ("best_val_loss", "test_loss", "final_hparams", "steps", "cpu_seconds")}))
+
+options = {k: v for k, v in {"hyper_lr": args.hyper_lr, "response_lr": args.response_lr,
+                             "response_every": args.response_every}.items() if v is not None}
+tracker = compare.Tracker("tuned", compare.Budget(math.inf, "cpu"))
+torch.manual_seed(args.seed)
+model = ht.HyperModel.wrap(compare.build_model(args.dataset, args.start),
+                           compare.hyper_specs(args.dataset, args.start, args.init_scale))
+opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                           warmup_steps=args.warmup_steps, **options)
+loader = TensorLoader(*data["train"], 128, seed=args.seed)
+val_stream = TensorLoader(*data["val"], 128, seed=args.seed + 1).cycle()
+start, step, trace = time.process_time(), 0, []
+for _ in range(args.epochs):
+    for x, y in loader:
+        opt.train_step(x, y, F.cross_entropy)
+        step += 1
+        if step % 5 == 0:
+            opt.val_step(*next(val_stream), F.cross_entropy)
+        if step % 50 == 0:
+            tracker.score(model, data, model.hparam_values())
+        if step % 400 == 0:
+            trace.append({"step": step, **{k: round(v, 4) for k, v in model.hparam_values().items()}})
+tracker.score(model, data, model.hparam_values())
+out = tracker.result(data)
+print(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "data_root"},
+                  "best_val_loss": out["best_val_loss"], "test_loss": out["test_loss"],
+                  "final_hparams": model.hparam_values(), "trace": trace, "steps": step,
+                  "cpu_seconds": time.process_time() - start}))

@@ -133,7 +133,7 @@ def _norm_call(func: Callable[..., Any], slots: tuple[int, int], args: tuple, kw
     nothing, and the result is the same dual."""
     if not args or not torch.is_tensor(args[0]) or fwAD.unpack_dual(args[0]).tangent is None:
         return func(*args, **kwargs)
-    args = list(args)
+    args, kwargs = list(args), dict(kwargs)
     for name, index in zip(("weight", "bias"), slots):
         if name in kwargs:
             kwargs[name] = _with_zero_tangent(kwargs[name])

@@ -42,14 +42,18 @@ CASES = {
 }
 
 
+def _wrapped(case: str) -> ht.HyperModel:
+    torch.manual_seed(0)
+    return ht.HyperModel.wrap(CASES[case][0](), {"dropout": ht.DropoutRate(per_site=True), "wd": ht.WeightDecay(init=1e-3)})
+
+
 def _lambda_after_steps(case: str, mode: str, keep_center_shortcut: bool, monkeypatch) -> torch.Tensor:
-    build, inputs, classes = CASES[case]
+    _, inputs, classes = CASES[case]
     if not keep_center_shortcut:
         real = steps.Perturbation
         monkeypatch.setattr(steps, "Perturbation", lambda *a, **k: real(*a, **{**k, "at_center": False}))
     g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    hm = ht.HyperModel.wrap(build(), {"dropout": ht.DropoutRate(per_site=True), "wd": ht.WeightDecay(init=1e-3)})
+    hm = _wrapped(case)
     opt = ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.05, momentum=0.9), mode=mode,
                                response_every=1)
     for _ in range(4):  # Θ moves off zero, so the λ gradient runs through it
@@ -65,14 +69,9 @@ def _lambda_after_steps(case: str, mode: str, keep_center_shortcut: bool, monkey
 def test_lambda_steps_are_exactly_those_of_the_full_graph(case, mode, monkeypatch):
     shortcut = _lambda_after_steps(case, mode, True, monkeypatch)
     full = _lambda_after_steps(case, mode, False, monkeypatch)
-    assert not torch.equal(shortcut, _initial(case))  # λ moved: the comparison means something
+    initial = _wrapped(case).hparams.unconstrained.detach()
+    assert not torch.equal(shortcut, initial)  # λ moved: the comparison means something
     assert torch.equal(shortcut, full)
-
-
-def _initial(case: str) -> torch.Tensor:
-    torch.manual_seed(0)
-    hm = ht.HyperModel.wrap(CASES[case][0](), {"dropout": ht.DropoutRate(per_site=True), "wd": ht.WeightDecay(init=1e-3)})
-    return hm.hparams.unconstrained.detach().clone()
 
 
 def test_only_the_held_scale_lambda_step_is_at_the_center(monkeypatch):

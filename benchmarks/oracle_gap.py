@@ -60,18 +60,26 @@ def fixed_run(dataset: str, value: float, data, args: argparse.Namespace) -> dic
     return out
 
 
-def tuned_run(dataset: str, start_value: float, data, args: argparse.Namespace) -> dict[str, Any]:
-    """Δ-STN at the library's defaults (only the weights' SGD and the warm-up are chosen here)."""
+def tuned_run(dataset: str, start_value: float, data, args: argparse.Namespace, *,
+              init_scale: float = compare.DROPOUT_SCALE, options: dict[str, Any] | None = None,
+              trace_every: int = 400) -> dict[str, Any]:
+    """Δ-STN at the library's defaults (only the weights' SGD and the warm-up are chosen here;
+    ``init_scale`` and ``options``, DeltaSTNOptimizer keywords, vary one setting for a probe).
+
+    ``final_hparams`` are the values at the end of training, ``trace`` the values every
+    ``trace_every`` steps (the tracker's result restores the best-scoring state, λ included).
+    """
     tracker = compare.Tracker(f"tuned from {start_value:g}", compare.Budget(math.inf, "cpu"))
     torch.manual_seed(args.seed)
-    specs = compare.hyper_specs(dataset, start_value, compare.DROPOUT_SCALE)
+    specs = compare.hyper_specs(dataset, start_value, init_scale)
     model = ht.HyperModel.wrap(compare.build_model(dataset, start_value), specs)
     opt = ht.DeltaSTNOptimizer(
-        model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9), warmup_steps=args.warmup_steps
+        model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9), warmup_steps=args.warmup_steps,
+        **(options or {}),
     )
     loader = TensorLoader(*data["train"], args.batch_size, seed=args.seed)
     val_stream = TensorLoader(*data["val"], args.batch_size, seed=args.seed + 1).cycle()
-    start, step = time.process_time(), 0
+    start, step, trace = time.process_time(), 0, []
     for _ in range(args.epochs):
         for x, y in loader:
             opt.train_step(x, y, F.cross_entropy)
@@ -80,9 +88,12 @@ def tuned_run(dataset: str, start_value: float, data, args: argparse.Namespace) 
                 opt.val_step(*next(val_stream), F.cross_entropy)
             if step % args.eval_every == 0:
                 tracker.score(model, data, model.hparam_values())
+            if step % trace_every == 0:
+                trace.append({"step": step, **{k: round(v, 4) for k, v in model.hparam_values().items()}})
     tracker.score(model, data, model.hparam_values())
+    final_hparams = model.hparam_values()
     out = tracker.result(data)
-    out.update(kind="tuned", value=start_value, steps=step, final_hparams=model.hparam_values(),
+    out.update(kind="tuned", value=start_value, steps=step, final_hparams=final_hparams, trace=trace,
                cpu_seconds=time.process_time() - start)
     return out
 

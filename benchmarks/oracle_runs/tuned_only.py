@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
 import compare  # noqa: E402
+import oracle_gap  # noqa: E402
 
-import hypertune as ht  # noqa: E402
-from hypertune.experiments import TensorLoader, load_image_classification  # noqa: E402
+from hypertune.experiments import load_image_classification  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashionmnist"])
@@ -43,31 +40,11 @@ args = parser.parse_args()
 torch.set_num_threads(1)
 data = load_image_classification(args.dataset, args.data_root, val_fraction=0.15, seed=0)
 data["train"] = tuple(t[: args.train_subset] for t in data["train"])
-
 options = {k: v for k, v in {"hyper_lr": args.hyper_lr, "response_lr": args.response_lr,
                              "response_every": args.response_every}.items() if v is not None}
-tracker = compare.Tracker("tuned", compare.Budget(math.inf, "cpu"))
-torch.manual_seed(args.seed)
-model = ht.HyperModel.wrap(compare.build_model(args.dataset, args.start),
-                           compare.hyper_specs(args.dataset, args.start, args.init_scale))
-opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-                           warmup_steps=args.warmup_steps, **options)
-loader = TensorLoader(*data["train"], 128, seed=args.seed)
-val_stream = TensorLoader(*data["val"], 128, seed=args.seed + 1).cycle()
-start, step, trace = time.process_time(), 0, []
-for _ in range(args.epochs):
-    for x, y in loader:
-        opt.train_step(x, y, F.cross_entropy)
-        step += 1
-        if step % 5 == 0:
-            opt.val_step(*next(val_stream), F.cross_entropy)
-        if step % 50 == 0:
-            tracker.score(model, data, model.hparam_values())
-        if step % 400 == 0:
-            trace.append({"step": step, **{k: round(v, 4) for k, v in model.hparam_values().items()}})
-tracker.score(model, data, model.hparam_values())
-out = tracker.result(data)
+run_args = argparse.Namespace(lr=0.01, batch_size=128, warmup_steps=args.warmup_steps, epochs=args.epochs,
+                              eval_every=50, seed=args.seed)
+out = oracle_gap.tuned_run(args.dataset, args.start, data, run_args, init_scale=args.init_scale, options=options)
 print(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "data_root"},
-                  "best_val_loss": out["best_val_loss"], "test_loss": out["test_loss"],
-                  "final_hparams": model.hparam_values(), "trace": trace, "steps": step,
-                  "cpu_seconds": time.process_time() - start}))
+                  **{k: out[k] for k in ("best_val_loss", "test_loss", "final_hparams", "trace", "steps",
+                                         "cpu_seconds")}}))

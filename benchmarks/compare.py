@@ -38,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hypertune as ht  # noqa: E402
 from hypertune.experiments import SimpleCNN, TensorLoader, load_image_classification, mnist_mlp  # noqa: E402
+from hypertune.kinds.dropout import RATE_INIT_SCALE  # noqa: E402
 from hypertune.layers import dropout_per_example  # noqa: E402
 
 DROPOUT_INIT = 0.05
 DROPOUT_HIGH = 0.95
-DROPOUT_SCALE = 1.0  # σ₀ of every dropout rate on its logit scale: the library's default
+DROPOUT_SCALE = RATE_INIT_SCALE  # σ₀ of every dropout rate on its logit scale: the library's default
+UNLABELLED_SCALE = 1.0  # σ₀ of the runs whose JSON or schedule name does not say (the default before 2)
 
 
 def search_space(dataset: str) -> dict[str, tuple[float, float, bool]]:
@@ -295,7 +297,7 @@ def run_stn(method: str, dataset: str, data, args, seed: int, out_dir: Path | No
                      **{f"scale:{k}": round(v, 5) for k, v in r.scales.items()}}
                     for r in opt.history if r.kind == "val"]
         start = "" if args.dropout_init == DROPOUT_INIT else f"-from{args.dropout_init:g}"
-        start += "" if args.dropout_scale == DROPOUT_SCALE else f"-scale{args.dropout_scale:g}"
+        start += f"-scale{args.dropout_scale:g}"
         with gzip.open(out_dir / f"schedule_{dataset}{start}_{method}_seed{seed}.json.gz", "wt") as f:
             json.dump(schedule, f)
     return out
@@ -327,7 +329,7 @@ def read_schedule(path: Path) -> tuple[str, str, int, list[dict[str, float]]]:
     if match is None:
         raise SystemExit(f"{path}: not a compare.py schedule (schedule_<dataset>_<method>_seed<n>.json.gz)")
     start = float(match.group(2)) if match.group(2) else DROPOUT_INIT
-    scale = float(match.group(3)) if match.group(3) else DROPOUT_SCALE
+    scale = float(match.group(3)) if match.group(3) else UNLABELLED_SCALE
     label = _dataset_label({"dataset": match.group(1), "dropout_init": start, "dropout_scale": scale})
     with gzip.open(path, "rt") as f:
         return label, match.group(4), int(match.group(5)), json.load(f)
@@ -387,7 +389,9 @@ def plot_schedules(paths: list[Path], out: Path) -> None:
 
 def _dataset_label(r: dict[str, Any]) -> str:
     """The dataset, and the dropout start and σ₀ where a run did not use the default ones."""
-    init, scale = r.get("dropout_init", DROPOUT_INIT), r.get("dropout_scale", DROPOUT_SCALE)
+    init, scale = r.get("dropout_init", DROPOUT_INIT), r.get("dropout_scale", UNLABELLED_SCALE)
+    if not stn_method(r.get("method", "stn")):
+        scale = DROPOUT_SCALE  # σ₀ exists only in the STN modes
     notes = ([] if init == DROPOUT_INIT else [f"dropout from {init:g}"]) + \
         ([] if scale == DROPOUT_SCALE else [f"σ₀ {scale:g}"])
     return f"{r['dataset']} ({', '.join(notes)})" if notes else r["dataset"]

@@ -42,6 +42,11 @@ LossFn = Callable[[Any, Any], Tensor]
 
 
 # ---- command line ----------------------------------------------------------------------------
+def sigma0(init_scale: float | None) -> dict[str, float]:
+    """``init_scale=`` for a spec when ``--init-scale`` was given; else the kind keeps its own σ₀."""
+    return {} if init_scale is None else {"init_scale": init_scale}
+
+
 def default_data_root() -> Path:
     """``../shared/datasets`` next to the checkout if it exists, else ``./data``."""
     shared = REPO.parent / "shared" / "datasets"
@@ -86,7 +91,9 @@ def base_parser(
     p.add_argument("--response-lr", type=float, default=None, help="Θ's Adam learning rate (default 1e-3)")
     p.add_argument("--hyper-lr", type=float, default=1e-2, help="RMSprop learning rate of λ and σ")
     p.add_argument("--entropy-weight", type=float, default=1e-3, help="τ, the entropy bonus of σ (with --tune-scales)")
-    p.add_argument("--init-scale", type=float, default=1.0, help="σ₀, the perturbation scale (held there by default)")
+    p.add_argument("--init-scale", type=float, default=None,
+                   help="σ₀ of every hyperparameter, the perturbation scale held there by default "
+                        "(default: each kind's own, 2 for dropout rates and 1 for the rest)")
     p.add_argument("--tune-scales", action="store_true",
                    help="tune σ with the entropy bonus, inside [0.1, 4]·σ₀ (the library holds σ at σ₀)")
     p.add_argument("--response-every", type=int, default=None,

@@ -28,17 +28,18 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import _common  # noqa: E402
+from _common import sigma0  # noqa: E402
 import hypertune as ht  # noqa: E402
 from hypertune.experiments import load_image_classification  # noqa: E402
 from hypertune.experiments.cifar import ARCHS, CIFAR_MEAN, CIFAR_STD, cifar_model  # noqa: E402
 
 
-def hparams(init_scale: float = 1.0) -> dict:
+def hparams(init_scale: float | None = None) -> dict:
     def hp(init: float, low: float, high: float, discrete: bool = False) -> ht.HParam:
-        return ht.HParam(init=init, low=low, high=high, discrete=discrete, init_scale=init_scale)
+        return ht.HParam(init=init, low=low, high=high, discrete=discrete, **sigma0(init_scale))
 
     return {
-        "dropout": ht.DropoutRate(init=0.05, low=0.0, high=0.95, per_site=True, init_scale=init_scale),
+        "dropout": ht.DropoutRate(init=0.05, low=0.0, high=0.95, per_site=True, **sigma0(init_scale)),
         "affine": ht.RandomAffine(degrees=hp(5, 0, 45), translate=hp(0.05, 0, 0.5), scale=hp(0.05, 0, 0.5),
                                   shear=hp(5, 0, 45)),
         "jitter": ht.ColorJitter(brightness=hp(0.05, 0, 1), contrast=hp(0.05, 0, 1), saturation=hp(0.05, 0, 1),

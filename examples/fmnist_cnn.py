@@ -21,16 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import _common  # noqa: E402
+from _common import sigma0  # noqa: E402
 import hypertune as ht  # noqa: E402
 from hypertune.experiments import SimpleCNN, load_image_classification  # noqa: E402
 
 
-def hparams(init_scale: float = 1.0) -> dict:
+def hparams(init_scale: float | None = None) -> dict:
     return {
-        "dropout": ht.DropoutRate(init=0.05, low=0.0, high=0.95, per_site=True, init_scale=init_scale),
+        "dropout": ht.DropoutRate(init=0.05, low=0.0, high=0.95, per_site=True, **sigma0(init_scale)),
         "cutout": ht.Cutout(
-            holes=ht.HParam(init=1, low=0, high=5, discrete=True, init_scale=init_scale),
-            length=ht.HParam(init=4, low=2, high=24, discrete=True, init_scale=init_scale),
+            holes=ht.HParam(init=1, low=0, high=5, discrete=True, **sigma0(init_scale)),
+            length=ht.HParam(init=4, low=2, high=24, discrete=True, **sigma0(init_scale)),
         ),
     }
 

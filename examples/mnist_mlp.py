@@ -19,14 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import _common  # noqa: E402
+from _common import sigma0  # noqa: E402
 import hypertune as ht  # noqa: E402
 from hypertune.experiments import load_image_classification, mnist_mlp  # noqa: E402
 
 
-def hparams(init_scale: float = 1.0) -> dict:
+def hparams(init_scale: float | None = None) -> dict:
     return {
-        "input_dropout": ht.InputDropout(init=0.05, init_scale=init_scale),
-        "dropout": ht.DropoutRate(init=0.05, low=0.0, high=0.95, per_site=True, init_scale=init_scale),
+        "input_dropout": ht.InputDropout(init=0.05, **sigma0(init_scale)),
+        "dropout": ht.DropoutRate(init=0.05, low=0.0, high=0.95, per_site=True, **sigma0(init_scale)),
     }
 
 

@@ -104,12 +104,12 @@ def attention_dropout_tunable() -> bool:
         return False
 
 
-def hparams(init_dropout: float, init_wd: float, init_scale: float, attention: bool) -> dict[str, ht.HParam]:
+def hparams(init_dropout: float, init_wd: float, init_scale: float | None, attention: bool) -> dict[str, ht.HParam]:
     sites = DROPOUT_SITES + (ATTENTION_SITES if attention else [])
+    sigma0 = _common.sigma0(init_scale)
     return {
-        "dropout": ht.DropoutRate(init=init_dropout, low=0.0, high=0.95, targets=sites, per_site=True,
-                                  init_scale=init_scale),
-        "weight_decay": ht.WeightDecay(init=init_wd, targets=DECAY_SITES, init_scale=init_scale),
+        "dropout": ht.DropoutRate(init=init_dropout, low=0.0, high=0.95, targets=sites, per_site=True, **sigma0),
+        "weight_decay": ht.WeightDecay(init=init_wd, targets=DECAY_SITES, **sigma0),
     }
 
 

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import _common  # noqa: E402
+from _common import sigma0  # noqa: E402
 import hypertune as ht  # noqa: E402
 from hypertune.layers import registry  # noqa: E402
 from hypertune.experiments.ptb import BPTTLoader, Corpus, LSTMLanguageModel, batchify, evaluate_lm, lm_loss  # noqa: E402
@@ -46,19 +47,19 @@ def lstm_is_hyper_layer() -> bool:
     return found is not None and found.kind is not None
 
 
-def hparams(init_scale: float = 1.0, dropconnect: bool | None = None) -> dict:
+def hparams(init_scale: float | None = None, dropconnect: bool | None = None) -> dict:
     """The 7 hyperparameters (6 while nn.LSTM cannot be a hyper-layer: no DropConnect)."""
     if dropconnect is None:
         dropconnect = lstm_is_hyper_layer()
     specs = {
         "dropout": ht.DropoutRate(init=0.05, low=0.0, high=0.95, targets=["drop_in", "drop_hidden", "drop_out"],
-                                  per_site=True, locked_dim=1, init_scale=init_scale),
-        "embedding_dropout": ht.EmbeddingDropout(init=0.05, targets=["encoder"], init_scale=init_scale),
-        "ar": ht.ActivationRegularization(init=0.05, targets=["drop_out"], init_scale=init_scale),
-        "tar": ht.TemporalActivationRegularization(init=0.05, targets=["rnn.1"], init_scale=init_scale),
+                                  per_site=True, locked_dim=1, **sigma0(init_scale)),
+        "embedding_dropout": ht.EmbeddingDropout(init=0.05, targets=["encoder"], **sigma0(init_scale)),
+        "ar": ht.ActivationRegularization(init=0.05, targets=["drop_out"], **sigma0(init_scale)),
+        "tar": ht.TemporalActivationRegularization(init=0.05, targets=["rnn.1"], **sigma0(init_scale)),
     }
     if dropconnect:
-        specs["dropconnect"] = ht.DropConnect(init=0.05, targets=["rnn.*"], init_scale=init_scale)
+        specs["dropconnect"] = ht.DropConnect(init=0.05, targets=["rnn.*"], **sigma0(init_scale))
     return specs
 
 

@@ -156,7 +156,8 @@ def test_compare_runs_each_method_within_its_budget(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert [r["method"] for r in results] == ["untuned", "random", "delta_every2"]
     assert (tmp_path / "curves.png").stat().st_size > 0
-    assert (tmp_path / "schedule_mnist_delta_every2_seed0.json.gz").exists()
+    # the σ₀ is always in a new schedule's name (files without it were written at σ₀ 1)
+    assert (tmp_path / f"schedule_mnist-scale{compare.DROPOUT_SCALE:g}_delta_every2_seed0.json.gz").exists()
     for r in results:
         assert math.isfinite(r["best_val_loss"]) and math.isfinite(r["test_loss"])
         times = [t for t, _ in r["curve"]]
@@ -168,7 +169,7 @@ def test_compare_runs_each_method_within_its_budget(tmp_path):
 
 
 def test_compare_summary_averages_seeds_and_sorts_by_mean():
-    rows = [{"dataset": "mnist", "method": m, "seed": s, "best_val_loss": v}
+    rows = [{"dataset": "mnist", "method": m, "seed": s, "best_val_loss": v, "dropout_scale": compare.DROPOUT_SCALE}
             for m, s, v in [("stn", 0, 0.2), ("stn", 1, 0.4), ("delta", 0, 0.25), ("delta", 2, 0.27)]]
     lines = compare.summary_table(rows).splitlines()
     assert lines[0] == "| dataset | method | seed 0 | seed 1 | seed 2 | mean | seeds |"
@@ -178,12 +179,19 @@ def test_compare_summary_averages_seeds_and_sorts_by_mean():
 
 def test_compare_tables_keep_runs_from_another_dropout_start_apart():
     rows = [{"dataset": "mnist", "method": "stn", "seed": 0, "best_val_loss": 0.2, "test_loss": 0.2,
-             "best_hparams": {}, "steps": 10},
+             "best_hparams": {}, "steps": 10, "dropout_scale": compare.DROPOUT_SCALE},
             {"dataset": "mnist", "method": "stn", "seed": 0, "best_val_loss": 0.3, "test_loss": 0.3,
-             "best_hparams": {}, "steps": 10, "dropout_init": 0.85}]
+             "best_hparams": {}, "steps": 10, "dropout_init": 0.85, "dropout_scale": compare.DROPOUT_SCALE},
+            # a JSON from before the label existed was a σ₀ = 1 run; a search method has no σ₀
+            {"dataset": "mnist", "method": "stn", "seed": 0, "best_val_loss": 0.4, "test_loss": 0.4,
+             "best_hparams": {}, "steps": 10},
+            {"dataset": "mnist", "method": "random", "seed": 0, "best_val_loss": 0.5, "test_loss": 0.5,
+             "best_hparams": {}, "trials": 3}]
     summary = compare.summary_table(rows).splitlines()[2:]
     assert summary == ["| mnist | stn | 0.2000 | 0.2000 | 1 |",
-                       "| mnist (dropout from 0.85) | stn | 0.3000 | 0.3000 | 1 |"]
+                       "| mnist | random | 0.5000 | 0.5000 | 1 |",
+                       "| mnist (dropout from 0.85) | stn | 0.3000 | 0.3000 | 1 |",
+                       "| mnist (σ₀ 1) | stn | 0.4000 | 0.4000 | 1 |"]
     assert "| mnist (dropout from 0.85) | stn | 0 |" in compare.markdown_table(rows)
 
 
@@ -275,12 +283,16 @@ def test_reference_overhead_needs_a_checkout(tmp_path):
 def test_compare_schedule_table_reads_rates_and_sigmas_at_the_nearest_steps(tmp_path):
     rows = [{"step": s, "loss": 0.3, "dropout:3": 0.05 + s / 1e4, "cutout:holes": 1.0, "scale:dropout:3": 2.0 - s / 1e3}
             for s in (200, 205, 600)]
-    path = tmp_path / "schedule_mnist-scale2_delta_seed1.json.gz"
-    with gzip.open(path, "wt") as f:
-        json.dump(rows, f)
-    assert compare.read_schedule(path)[:3] == ("mnist (σ₀ 2)", "delta", 1)
+    path = tmp_path / "schedule_mnist-scale0.5_delta_seed1.json.gz"
+    for name in (path.name, "schedule_mnist_delta_seed1.json.gz", "schedule_mnist-scale2_delta_seed1.json.gz"):
+        with gzip.open(tmp_path / name, "wt") as f:
+            json.dump(rows, f)
+    assert compare.read_schedule(path)[:3] == ("mnist (σ₀ 0.5)", "delta", 1)
+    # no σ₀ in the name: written when the default was 1; σ₀ 2, the default now, is not labelled
+    assert compare.read_schedule(tmp_path / "schedule_mnist_delta_seed1.json.gz")[0] == "mnist (σ₀ 1)"
+    assert compare.read_schedule(tmp_path / "schedule_mnist-scale2_delta_seed1.json.gz")[0] == "mnist"
     lines = compare.schedule_table([path], [0, 500]).splitlines()[2:]
-    assert lines == ["| mnist (σ₀ 2) | delta | 1 | 200 | dropout:3 0.070 (1.80) |",
-                     "| mnist (σ₀ 2) | delta | 1 | 600 | dropout:3 0.110 (1.40) |"]
+    assert lines == ["| mnist (σ₀ 0.5) | delta | 1 | 200 | dropout:3 0.070 (1.80) |",
+                     "| mnist (σ₀ 0.5) | delta | 1 | 600 | dropout:3 0.110 (1.40) |"]
     with pytest.raises(SystemExit):
         compare.read_schedule(tmp_path / "other.json.gz")

@@ -10,6 +10,7 @@ from torch import nn
 
 import hypertune as ht
 from hypertune.hyperparameters import SCALE_RANGE, HyperParameters
+from hypertune.kinds.dropout import RATE_INIT_SCALE
 from hypertune.optim.delta_stn import DEFAULT_RESPONSE_EVERY
 
 
@@ -32,10 +33,10 @@ def test_sigma_is_held_at_sigma0_by_default():
     for i in range(12):
         opt.train_step(*_batch(i), F.cross_entropy)
         assert opt.val_step(*_batch(100 + i), F.cross_entropy).updated
-    assert opt.scales() == {"drop": 1.0, "wd": 0.5}
+    assert opt.scales() == {"drop": RATE_INIT_SCALE, "wd": 0.5}
     tuned = {id(p) for g in opt.hyper_optimizer.param_groups for p in g["params"]}
     assert id(model.hparams.raw_scale) not in tuned
-    assert all(r.scales == {"drop": 1.0, "wd": 0.5} for r in opt.history)
+    assert all(r.scales == {"drop": RATE_INIT_SCALE, "wd": 0.5} for r in opt.history)
 
 
 def test_theta_steps_on_every_third_train_step_by_default():
@@ -89,7 +90,7 @@ def test_tuned_sigma_stays_bounded_when_nothing_opposes_the_entropy_bonus():
         opt.train_step(*_batch(i), F.cross_entropy)
         opt.val_step(*_batch(100 + i), F.cross_entropy)
     high = SCALE_RANGE[1]
-    assert opt.scales() == pytest.approx({"drop": high * 1.0, "wd": high * 0.5}, rel=0, abs=0)
+    assert opt.scales() == pytest.approx({"drop": high * RATE_INIT_SCALE, "wd": high * 0.5}, rel=0, abs=0)
     # The raw value overshoots the bound by at most the steps taken after reaching it: the next
     # inward gradient moves σ again (tested above), so σ cannot stick at its ceiling for good.
     assert torch.all(F.softplus(model.hparams.raw_scale.detach()) < 10 * high)
@@ -105,7 +106,7 @@ def test_tuned_sigma_can_shrink_to_its_floor_and_no_further():
         model.hparams.scale.sum().backward()
         opt.hyper_optimizer.step()
     low = SCALE_RANGE[0]
-    assert opt.scales() == pytest.approx({"drop": low * 1.0, "wd": low * 0.5}, rel=1e-6)  # float32
+    assert opt.scales() == pytest.approx({"drop": low * RATE_INIT_SCALE, "wd": low * 0.5}, rel=1e-6)  # float32
 
 
 def test_scale_range_is_overridable_and_validated():

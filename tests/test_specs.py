@@ -386,3 +386,19 @@ def test_init_scale_sets_sigma():
     scales = hp.scales()
     assert scales["a"] == pytest.approx(0.3, rel=1e-5)
     assert scales["b"] == pytest.approx(2.5, rel=1e-5)
+
+
+def test_dropout_kinds_default_to_the_rate_sigma0():
+    """Every dropout-type rate starts at σ₀ = RATE_INIT_SCALE on its logit scale; other kinds at 1."""
+    from hypertune.kinds.dropout import RATE_INIT_SCALE
+
+    rates = [DropoutRate(), InputDropout(), hypertune.DropConnect(), hypertune.EmbeddingDropout(),
+             hypertune.VariationalDropout()]
+    assert RATE_INIT_SCALE == 2.0
+    assert [spec.init_scale for spec in rates] == [RATE_INIT_SCALE] * len(rates)
+    assert WeightDecay().init_scale == 1.0 and HParam(init=0.0).init_scale == 1.0
+    hp = HyperParameters({"rate": DropoutRate(), "wd": WeightDecay()})
+    assert hp.scales()["rate"] == pytest.approx(RATE_INIT_SCALE, rel=1e-5)
+    assert hp.scales()["wd"] == pytest.approx(1.0, rel=1e-5)
+    # positional order is unchanged: (init, low, high, init_scale)
+    assert DropoutRate(0.1, 0.0, 0.9, 0.5).init_scale == 0.5

@@ -8,7 +8,7 @@ from typing import ClassVar
 from ..errors import SpecError
 from ..sites import Target, as_targets, selects
 from .base import Claim, HParam, Perturb, WrapSites, register_hparam_kind
-from .dropout import rate_bounds
+from .dropout import RATE_INIT_SCALE, rate_bounds
 
 
 @register_hparam_kind
@@ -23,6 +23,7 @@ class DropConnect(HParam):
     init: float = 0.05
     low: float = 0.0
     high: float = 0.95
+    init_scale: float = RATE_INIT_SCALE
     perturb: Perturb = "batch"
     targets: tuple[Target, ...] | None = field(default=None)
 

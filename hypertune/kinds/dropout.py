@@ -24,6 +24,13 @@ DROPOUTS: dict[type[nn.Module], int] = {
 }
 
 
+#: σ₀ of every dropout-type rate, on its logit scale. A rate near 0 barely changes the training loss
+#: when perturbed by one logit unit, so Θ learns its response slowly and λ hardly drifts in the
+#: first thousand steps; at 2 (one std up takes 0.05 to 0.28) it moves from the first few hundred
+#: steps (benchmarks/RESULTS.md, "σ₀ = 2 for dropout rates"). Other kinds keep HParam's 1.0.
+RATE_INIT_SCALE = 2.0
+
+
 def rate_bounds(spec: HParam) -> None:
     kind = type(spec).__name__
     if spec.low < 0:
@@ -54,6 +61,7 @@ class DropoutRate(HParam):
     init: float = 0.05
     low: float = 0.0
     high: float = 0.95
+    init_scale: float = RATE_INIT_SCALE
     targets: tuple[Target, ...] | None = field(default=None)
     per_site: bool = False
     locked_dim: int | None = None

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..sites import Target, as_targets, selects
 from .base import Claim, FixedForm, FixedFormError, HParam, WrapSites, register_hparam_kind
-from .dropout import rate_bounds
+from .dropout import RATE_INIT_SCALE, rate_bounds
 
 
 @register_hparam_kind
@@ -22,6 +22,7 @@ class EmbeddingDropout(HParam):
     init: float = 0.05
     low: float = 0.0
     high: float = 0.95
+    init_scale: float = RATE_INIT_SCALE
     targets: tuple[Target, ...] | None = field(default=None)
 
     kind: ClassVar[str] = "embedding_dropout"

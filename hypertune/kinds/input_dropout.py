@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 from ..errors import HyperTuneError
 from ..layers.dropout import dropout_per_example
 from .base import Claim, FixedForm, HParam, Installation, register_hparam_kind
-from .dropout import rate_bounds
+from .dropout import RATE_INIT_SCALE, rate_bounds
 
 
 def drop_floating(inputs: Any, drop: Any) -> Any:
@@ -62,6 +62,7 @@ class InputDropout(HParam):
     init: float = 0.05
     low: float = 0.0
     high: float = 0.95
+    init_scale: float = RATE_INIT_SCALE
 
     kind: ClassVar[str] = "input_dropout"
     panel: ClassVar[str | None] = "Dropout rates"

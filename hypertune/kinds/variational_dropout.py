@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import SpecError
 from ..sites import Target, as_targets, describe, selects
 from .base import Claim, HParam, WrapSites, register_hparam_kind
-from .dropout import rate_bounds
+from .dropout import RATE_INIT_SCALE, rate_bounds
 
 
 @register_hparam_kind
@@ -29,6 +29,7 @@ class VariationalDropout(HParam):
     init: float = 0.05
     low: float = 0.0
     high: float = 0.95
+    init_scale: float = RATE_INIT_SCALE
     on: Literal["input", "hidden"] = "hidden"
     targets: tuple[Target, ...] | None = field(default=None)
 

@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--val-batch-size", type=int, default=32,
                         help="validation examples per λ step (a larger batch: a less noisy λ step)")
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                        help="the weights' learning rate in both runs: cosine decay to 0 ends them on "
+                             "settled weights, so the final comparison is not one epoch's SGD noise")
+    parser.add_argument("--init-scale", type=float, default=None,
+                        help="σ₀ of every hyperparameter (default: each kind's own)")
     parser.add_argument("--print-every", type=int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -82,18 +87,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tuned_net = copy.deepcopy(untuned)  # both runs start from the same weights
 
     # The two lines a user adds: wrap the model, swap the optimizer.
+    sigma0 = {} if args.init_scale is None else {"init_scale": args.init_scale}
     model = ht.HyperModel.wrap(
         tuned_net,
         hparams={
-            "input_dropout": ht.InputDropout(init=0.05),
-            "dropout": ht.DropoutRate(init=0.05),
-            "weight_decay": ht.WeightDecay(init=1e-4),
+            "input_dropout": ht.InputDropout(init=0.05, **sigma0),
+            "dropout": ht.DropoutRate(init=0.05, **sigma0),
+            "weight_decay": ht.WeightDecay(init=1e-4, **sigma0),
         },
     )
     opt = ht.DeltaSTNOptimizer(
         model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9), warmup_steps=50
     )
     plain_opt = torch.optim.SGD(untuned.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=args.epochs) for o in (opt.optimizer, plain_opt)
+                  ] if args.lr_schedule == "cosine" else []
 
     gen_t, gen_p, gen_v = (torch.Generator().manual_seed(args.seed + k) for k in range(3))
     # Each run draws its dropout masks from its own random stream, so the untuned run is the same
@@ -119,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 idx = torch.randint(0, len(xv), (args.val_batch_size,), generator=gen_v)
                 opt.val_step(xv[idx], yv[idx], F.cross_entropy)
         streams["tuned"] = torch.get_rng_state()
+        for scheduler in schedulers:
+            scheduler.step()
         if epoch % args.print_every == 0 or epoch == 1:
             vu = evaluate(untuned, xv, yv)[0]
             vt = evaluate(model, xv, yv)[0]

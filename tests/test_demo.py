@@ -21,3 +21,12 @@ def test_untuned_run_does_not_depend_on_the_tuned_one(monkeypatch, capsys):
     for key in ("untuned_val_loss", "untuned_test_loss", "untuned_test_acc"):
         assert first[key] == second[key], key
     assert "tuned values:" in capsys.readouterr().out
+
+
+def test_the_learning_rate_schedule_applies_to_both_runs():
+    """Cosine decay (the default) changes the second epoch of the untuned run as well."""
+    args = ["--epochs", "2", "--print-every", "1"]
+    cosine = demo.main(args)
+    constant = demo.main([*args, "--lr-schedule", "constant"])
+    assert cosine["untuned_val_loss"] != constant["untuned_val_loss"]
+    assert cosine["tuned_val_loss"] != constant["tuned_val_loss"]

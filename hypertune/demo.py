@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9), warmup_steps=50
     )
     plain_opt = torch.optim.SGD(untuned.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=args.epochs) for o in (opt.optimizer, plain_opt)
-                  ] if args.lr_schedule == "cosine" else []
+    schedulers = []
+    if args.lr_schedule == "cosine":
+        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=args.epochs) for o in (opt.optimizer, plain_opt)]
 
     gen_t, gen_p, gen_v = (torch.Generator().manual_seed(args.seed + k) for k in range(3))
     # Each run draws its dropout masks from its own random stream, so the untuned run is the same

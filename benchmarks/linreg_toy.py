@@ -32,6 +32,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,8 @@ SETTINGS = {
     # every train step, so the same ratio ≥ 1 needs a Θ step on every one. With every 3rd, Θ lagged
     # λ and flipped sign: Boston seed 1's input dropout ran into p ≈ 0 (optimum 0.18).
     "response_every": 1,
+    # Train steps per λ step. 1: a λ step after every train step (this toy's original loop).
+    "train_per_val": 1,
     # λ, σ: the library's RMSprop, cosine-annealed to 0 after warm-up (stochastic approximation).
     "hyper_lr": 0.01,
     "hyper_lr_final": 0.0,
@@ -329,8 +332,20 @@ def score(hparam: str, lam: float, lam_star: float, on_bound: str | None = None)
 
 
 # ---- the online run -------------------------------------------------------------------------
-def run_method(problem: Problem, hparam: str, method: str, seed: int, settings: dict = SETTINGS) -> dict:
-    """Train and tune online; returns the final λ, the trained model's val MSE and the λ trace."""
+def run_method(
+    problem: Problem,
+    hparam: str,
+    method: str,
+    seed: int,
+    settings: dict = SETTINGS,
+    probe: Callable[[int, ht.HyperModel], None] | None = None,
+    probe_every: int = 500,
+) -> dict:
+    """Train and tune online; returns the final λ, the trained model's val MSE and the λ trace.
+
+    ``probe(step, model)``, if given, is called every ``probe_every`` steps (and at step 0) to
+    inspect the run without changing it (linreg_response_check.py).
+    """
     dtype = getattr(torch, settings["dtype"])
     torch.manual_seed(seed)
     X = torch.tensor(problem.X, dtype=dtype)
@@ -365,10 +380,12 @@ def run_method(problem: Problem, hparam: str, method: str, seed: int, settings: 
     )
     steps, warmup = settings["steps"], settings["warmup_steps"]
     horizon = max(1, steps - warmup)
+    every = settings["train_per_val"]
+    hyper_horizon = max(1, horizon // every)  # λ steps after the warm-up
     floor = settings["hyper_lr_final"] / settings["hyper_lr"]
 
     def cosine(k: int) -> float:
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(k, horizon) / horizon))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(k, hyper_horizon) / hyper_horizon))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt.hyper_optimizer, cosine)
     base_floor = settings["lr_final"] / settings["lr"]
@@ -384,19 +401,23 @@ def run_method(problem: Problem, hparam: str, method: str, seed: int, settings: 
     trace[0] = model.hparam_values()["lam"]
     sigma[0] = opt.scales()["lam"]
     done, diverged = 0, None
+    if probe is not None:
+        probe(0, model)
     for k in range(steps):
         try:
             opt.train_step(X, y, F.mse_loss)
-            r = opt.val_step(Xv, yv, F.mse_loss)
+            r = opt.val_step(Xv, yv, F.mse_loss) if (k + 1) % every == 0 else None
         except ht.NonFiniteLossError as err:  # reported, not hidden: the run stops here
             diverged = str(err).split(";")[0]
             break
-        if r.updated:
+        if r is not None and r.updated:
             schedule.step()
         base_schedule.step()
         done = k + 1
-        trace[done] = r.hparams["lam"]
+        trace[done] = model.hparam_values()["lam"]
         sigma[done] = opt.scales()["lam"]
+        if probe is not None and done % probe_every == 0:
+            probe(done, model)
     model.eval()
     with torch.no_grad():
         val_loss = float(F.mse_loss(model(Xv), yv))
@@ -506,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny problem: 1 is fastest)")
     parser.add_argument("--steps", type=int, help=f"override the number of steps ({SETTINGS['steps']}; for quick checks)")
     parser.add_argument("--response-every", type=int, help=f"override Θ's cadence ({SETTINGS['response_every']})")
+    parser.add_argument("--train-per-val", type=int, help=f"override train steps per λ step ({SETTINGS['train_per_val']})")
     parser.add_argument("--tune-scales", action="store_true", help="tune σ (entropy bonus) instead of holding it")
     parser.add_argument("--init-scale", type=float, help=f"override σ0 ({SETTINGS['init_scale']})")
     args = parser.parse_args(argv)
@@ -516,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         settings["warmup_steps"] = min(settings["warmup_steps"], args.steps // 4)
     if args.response_every is not None:
         settings["response_every"] = args.response_every
+    if args.train_per_val is not None:
+        settings["train_per_val"] = args.train_per_val
     settings["tune_scales"] = settings["tune_scales"] or args.tune_scales
     if args.init_scale is not None:
         settings["init_scale"] = args.init_scale

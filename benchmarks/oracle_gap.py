@@ -15,7 +15,13 @@ on its own, the grid moves them together); ≤ 0 means it did no better than not
     python benchmarks/oracle_gap.py --dataset mnist --train-subset 2000 --epochs 30 \
         --grid 0.05,0.2,0.4,0.6,0.85 --starts 0.05,0.85 --json out.json
 
-The model, data split, search space and plain training loop are compare.py's.
+The model, data split, search space and plain training loop are compare.py's. To spread one
+comparison over several processes, run parts of the grid (each start with its own value) with
+``--json`` and combine them with ``--merge``:
+
+    python benchmarks/oracle_gap.py --dataset fashionmnist --grid 0.05,0.2 --starts 0.05 --json a.json &
+    python benchmarks/oracle_gap.py --dataset fashionmnist --grid 0.4,0.6 --starts 0.6 --json b.json &
+    wait; python benchmarks/oracle_gap.py --merge a.json b.json --json all.json
 """
 
 from __future__ import annotations
@@ -135,6 +141,24 @@ def markdown(runs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str]) -> dict[str, Any]:
+    """One result from parts run with the same settings; refuses parts that differ in them."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    keys = ("dataset", "train_subset", "epochs", "seed")
+    first = {k: parts[0].get(k) for k in keys}
+    for path, part in zip(paths, parts):
+        mine = {k: part.get(k) for k in keys}
+        if mine != first:
+            raise SystemExit(f"{path} was run with {mine}, {paths[0]} with {first}: merge parts of one comparison only")
+    runs = [r for part in parts for r in part["runs"]]
+    values = [r["value"] for r in runs if r["kind"] == "fixed"]
+    if len(values) != len(set(values)):
+        raise SystemExit(f"a grid value was run in more than one part: {sorted(values)}")
+    grid = sorted(values)
+    starts = [r["value"] for r in runs if r["kind"] == "tuned"]
+    return {**first, "grid": grid, "starts": starts, "runs": runs, "summary": summarize(runs), "merged_from": paths}
+
+
 def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -162,7 +186,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="combine the --json files of runs split over processes, print and save the table")
     args = parser.parse_args(argv)
+    if args.merge:
+        result = merge(args.merge)
+        print(markdown(result["runs"], result["summary"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return result
     starts = args.starts or [0.05, 0.85 if args.dataset == "mnist" else 0.6]
     missing = [s for s in starts if s not in args.grid]
     if missing:

@@ -10,7 +10,6 @@ import gzip
 import importlib.util
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -296,3 +295,38 @@ def test_compare_schedule_table_reads_rates_and_sigmas_at_the_nearest_steps(tmp_
                      "| mnist (σ₀ 0.5) | delta | 1 | 600 | dropout:3 0.110 (1.40) |"]
     with pytest.raises(SystemExit):
         compare.read_schedule(tmp_path / "other.json.gz")
+
+
+def _oracle_part(tmp_path, name, runs, **settings):
+    part = {"dataset": "mnist", "train_subset": 2000, "epochs": 30, "seed": 0, **settings, "runs": runs}
+    path = tmp_path / name
+    path.write_text(json.dumps(part))
+    return str(path)
+
+
+def _oracle_run(kind, value, loss):
+    return {"kind": kind, "value": value, "best_val_loss": loss, "test_loss": 0.0, "method": f"{kind} {value}",
+            "cpu_seconds": 1.0, **({"final_hparams": {}} if kind == "tuned" else {})}
+
+
+def test_oracle_gap_merge_equals_one_run_over_the_whole_grid(tmp_path, capsys):
+    a = [_oracle_run("fixed", 0.05, 1.0), _oracle_run("fixed", 0.2, 0.8), _oracle_run("tuned", 0.05, 0.55)]
+    b = [_oracle_run("fixed", 0.4, 0.5), _oracle_run("fixed", 0.6, 0.9), _oracle_run("tuned", 0.6, 0.6)]
+    out = tmp_path / "all.json"
+    result = oracle_gap.main(["--merge", _oracle_part(tmp_path, "a.json", a), _oracle_part(tmp_path, "b.json", b),
+                              "--json", str(out)])
+    assert result["summary"] == oracle_gap.summarize(a + b)
+    assert [(r["start"], r["oracle"]) for r in result["summary"]] == [(0.05, 0.5), (0.6, 0.5)]
+    assert [r["closed"] for r in result["summary"]] == pytest.approx([0.9, 0.75])
+    assert result["grid"] == [0.05, 0.2, 0.4, 0.6] and json.loads(out.read_text())["summary"] == result["summary"]
+    assert "| 0.05 | 1.0000 | 0.5500 | 0.5000 (0.4) | 90% |" in capsys.readouterr().out
+
+
+def test_oracle_gap_merge_refuses_parts_of_different_comparisons(tmp_path):
+    a = _oracle_part(tmp_path, "a.json", [_oracle_run("fixed", 0.05, 1.0)])
+    b = _oracle_part(tmp_path, "b.json", [_oracle_run("fixed", 0.4, 0.5)], seed=1)
+    with pytest.raises(SystemExit, match="merge parts of one comparison only"):
+        oracle_gap.merge([a, b])
+    c = _oracle_part(tmp_path, "c.json", [_oracle_run("fixed", 0.05, 0.9)])
+    with pytest.raises(SystemExit, match="more than one part"):
+        oracle_gap.merge([a, c])

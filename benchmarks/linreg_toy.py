@@ -414,7 +414,7 @@ def run_method(
             schedule.step()
         base_schedule.step()
         done = k + 1
-        trace[done] = model.hparam_values()["lam"]
+        trace[done] = trace[done - 1] if r is None else r.hparams["lam"]  # no λ step: λ unchanged
         sigma[done] = opt.scales()["lam"]
         if probe is not None and done % probe_every == 0:
             probe(done, model)

@@ -159,6 +159,12 @@ def merge(paths: list[str]) -> dict[str, Any]:
     return {**first, "grid": grid, "starts": starts, "runs": runs, "summary": summarize(runs), "merged_from": paths}
 
 
+def _save(result: dict[str, Any], path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1))
+
+
 def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -192,8 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.merge:
         result = merge(args.merge)
         print(markdown(result["runs"], result["summary"]))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
+        _save(result, args.json)
         return result
     starts = args.starts or [0.05, 0.85 if args.dataset == "mnist" else 0.6]
     missing = [s for s in starts if s not in args.grid]
@@ -213,9 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(markdown(runs, rows))
     result = {"dataset": args.dataset, "train_subset": args.train_subset, "epochs": args.epochs,
               "seed": args.seed, "grid": args.grid, "starts": starts, "runs": runs, "summary": rows}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    _save(result, args.json)
     return result
 
 

@@ -281,7 +281,10 @@ def measure(
     warmup: int,
     batch: int | None,
     options: dict | None = None,
+    compile_mode: str | None = None,
 ) -> list[dict]:
+    """``compile_mode`` (a ``torch.compile`` mode, e.g. "reduce-overhead" for CUDA graphs) compiles
+    the plain model and each tuned one alike, so the ratio compares compiled with compiled."""
     factory, hparams, x, y, loss_fn, lr = _setup(name, device, batch)
     x, y = x.to(device), y.to(device)
     torch.manual_seed(0)
@@ -289,13 +292,14 @@ def measure(
     timer = _timer(device)
 
     wd = hparams["weight_decay"].init if "weight_decay" in hparams else 0.0
-    plain_step = plain_sgd_step(copy.deepcopy(base), x, y, loss_fn, lr, wd)
+    compiled = (lambda m: torch.compile(m, mode=compile_mode)) if compile_mode else (lambda m: m)
+    plain_step = plain_sgd_step(compiled(copy.deepcopy(base)), x, y, loss_fn, lr, wd)
 
     tuned = {}
     for mode in modes:
         model = ht.HyperModel.wrap(copy.deepcopy(base), hparams).to(device)
         opt = ht.DeltaSTNOptimizer(
-            model,
+            compiled(model),
             torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
             mode=mode,  # type: ignore[arg-type]
             **(options or {}),
@@ -309,6 +313,8 @@ def measure(
             repeats, warmup, opt.response_every,  # the optimizer's own cadence, default or not
         )
         settings = {"response_every": opt.response_every, **(options or {})}
+        if compile_mode:
+            settings["compile"] = compile_mode
         rows.append({**result_row(name, device, mode, int(x.shape[0]), plain, train, val), **settings})
         print(f"{name:>10} {str(device):>6} {mode:>8} {plain:10.2f} {rows[-1]['hyper_ms']:10.2f} "
               f"{rows[-1]['ratio']:7.2f}", flush=True)
@@ -335,6 +341,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--memory", action="store_true",
                         help="also report parameter/optimizer-state bytes and peak memory against plain")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compile", default=None, metavar="MODE",
+                        help="torch.compile plain and tuned models alike with this mode (default, "
+                             "reduce-overhead: CUDA graphs, max-autotune)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.memory_child is not None:
@@ -356,7 +365,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.response_optimizer is not None:
             options["response_optimizer"] = args.response_optimizer
         timed = measure(
-            name.strip(), device, args.modes.split(","), args.repeats, args.warmup, args.batch, options
+            name.strip(), device, args.modes.split(","), args.repeats, args.warmup, args.batch, options,
+            args.compile,
         )
         if args.memory:
             def mem(config: str) -> dict:

@@ -1,0 +1,91 @@
+"""Where a tuned step's time goes, against a plain step: torch.profiler over a few steps of each.
+
+On a GPU a small model's step is bound by the host, not the device: the count of operator calls,
+kernel launches and host-device synchronizations per step decides the ratio. This prints those
+counts per step for the plain and the tuned step (the same models and batches as overhead.py),
+and the operators that take the most host time in the tuned one.
+
+    python benchmarks/step_profile.py --model simple_cnn --device cuda --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+_spec = importlib.util.spec_from_file_location("overhead", Path(__file__).with_name("overhead.py"))
+overhead = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(overhead)  # type: ignore[union-attr]
+
+LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+COPY = ("cudaMemcpyAsync", "cudaMemcpy")
+
+
+def profile_steps(name: str, device: torch.device, config: str, steps: int, warmup: int, top: int) -> dict:
+    """Counts per step over ``steps`` steps (after ``warmup``) of the plain run or a tuned mode."""
+    step, _, _ = overhead._build_step(name, device, None, config, None)
+    for _ in range(warmup):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+
+    def count(names: tuple[str, ...]) -> float:
+        return sum(e.count for e in events if e.key in names) / steps
+
+    aten = [e for e in events if e.key.startswith("aten::")]
+    ranked = sorted(aten, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "model": name, "device": str(device), "config": config, "steps": steps,
+        "aten_calls_per_step": sum(e.count for e in aten) / steps,
+        "kernel_launches_per_step": count(LAUNCH),
+        "syncs_per_step": count(SYNC),
+        "memcpys_per_step": count(COPY),
+        "host_ms_per_step": sum(e.self_cpu_time_total for e in events) / steps / 1000,
+        "top_host_ops": [{"op": e.key, "calls_per_step": e.count / steps,
+                          "self_host_ms_per_step": e.self_cpu_time_total / steps / 1000} for e in ranked],
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="simple_cnn", help="as in overhead.py: mlp, simple_cnn, resnet18, lstm, gpt2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--modes", default="delta", help="comma list of tuned modes profiled beside plain")
+    parser.add_argument("--steps", type=int, default=10, help="a multiple of 5 covers whole train/val cycles")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = [profile_steps(args.model, device, c, args.steps, args.warmup, args.top)
+            for c in ["plain", *args.modes.split(",")]]
+    print(f"{'config':>9} {'aten calls':>11} {'launches':>9} {'syncs':>6} {'memcpys':>8} {'host ms':>8}   (per step)")
+    for r in rows:
+        print(f"{r['config']:>9} {r['aten_calls_per_step']:11.1f} {r['kernel_launches_per_step']:9.1f} "
+              f"{r['syncs_per_step']:6.1f} {r['memcpys_per_step']:8.1f} {r['host_ms_per_step']:8.2f}")
+    for r in rows[1:]:
+        print(f"\ntop host ops, {r['config']}:")
+        for op in r["top_host_ops"]:
+            print(f"  {op['op']:<40} {op['calls_per_step']:7.1f} calls {op['self_host_ms_per_step']:8.3f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

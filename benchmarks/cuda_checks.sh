@@ -57,6 +57,6 @@ step overhead_modes 150 python benchmarks/overhead.py --models simple_cnn,resnet
 # extras: CUDA graphs through torch.compile, then the CPU suite under this machine's torch build
 extra overhead_cuda_graphs 150 python benchmarks/overhead.py --models simple_cnn --modes delta --device cuda \
     --compile reduce-overhead --json "$OUT/overhead_cuda_graphs.json"
-extra pytest_cpu_suite 150 python -m pytest -q -x -p no:cacheprovider -n 12 tests -k "not test_cuda"
+extra pytest_cpu_suite 240 python -m pytest -q -p no:cacheprovider -n 14 tests -k "not test_cuda"
 echo "=== done in $((SECONDS - start)) s, status $status" | tee -a "$LOG"
 exit $status

@@ -39,8 +39,9 @@ def _build(seed: int) -> ht.HyperModel:
 
 
 def _worker(rank: int, world: int, port: int, out: str, precision: str) -> None:
+    # CPU processes even on a GPU machine: some accelerate versions put a barrier on cuda:<rank>
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     from accelerate import Accelerator

@@ -207,13 +207,15 @@ def test_a_failure_while_applying_puts_everything_back(saved, monkeypatch):
     _step(0, opt, sched)
     before = _everything(model, opt, sched)
 
-    real = sched.load_state_dict
+    # Patched on the class: some torch versions put every instance attribute in state_dict.
+    cls = type(sched)
+    real = cls.load_state_dict
 
-    def broken(state):
-        monkeypatch.setattr(sched, "load_state_dict", real)  # fail once, not while putting back
+    def broken(self, state):
+        monkeypatch.setattr(cls, "load_state_dict", real)  # fail once, not while putting back
         raise RuntimeError("disk gremlin")
 
-    monkeypatch.setattr(sched, "load_state_dict", broken)  # fails after model and optimizer loaded
+    monkeypatch.setattr(cls, "load_state_dict", broken)  # fails after model and optimizer loaded
     with pytest.raises(ht.StateDictError, match="put back"):
         checkpoint.load(path, model=model, optimizer=opt, schedulers=[sched])
     monkeypatch.undo()

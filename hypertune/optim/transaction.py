@@ -74,7 +74,8 @@ def _finite_sum(tensors: Sequence[Tensor], like: Tensor) -> Tensor:
     fraction of a norm's cost."""
     if not tensors:
         return torch.ones((), dtype=torch.bool, device=like.device)
-    return torch.isfinite(torch.stack([_sum(t) for t in tensors]).sum())
+    # .to: a model split over devices sums each part where it lives (a no-op on one device)
+    return torch.isfinite(torch.stack([_sum(t).to(like.device) for t in tensors]).sum())
 
 
 def _sum(t: Tensor) -> Tensor:
@@ -86,13 +87,16 @@ def _sum(t: Tensor) -> Tensor:
 
 
 def _state_tensors(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> list[Tensor]:
+    """The floating-point state that lives beside each parameter. torch keeps Adam/RMSprop's
+    ``step`` counter on the CPU for a CUDA parameter: a count, never non-finite, and on another
+    device than the sums it would be stacked with."""
     state = opt.state
     return [
         v
         for p in params
         if p in state
         for v in state[p].values()
-        if torch.is_tensor(v) and v.is_floating_point()
+        if torch.is_tensor(v) and v.is_floating_point() and v.device == p.device
     ]
 
 

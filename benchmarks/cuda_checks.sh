@@ -47,6 +47,9 @@ step smoke 150 python benchmarks/cuda_smoke.py --device cuda --json "$OUT/cuda_s
 # 2. step overhead at the defaults (issue 13: simple_cnn and resnet18 <= 2.0x on CUDA)
 step overhead_defaults 120 python benchmarks/overhead.py --models mlp,simple_cnn,resnet18 --modes delta \
     --device cuda --json "$OUT/overhead_cuda_defaults.json"
+# 2b. the same at batch 512, where a step is less bound by the host's launches
+step overhead_b512 90 python benchmarks/overhead.py --models simple_cnn,resnet18 --modes delta --device cuda \
+    --batch 512 --json "$OUT/overhead_cuda_b512.json"
 # 3. the library's properties on CUDA (tangents vs finite differences, all-or-nothing steps, ...)
 step pytest_cuda 120 python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_augment.py
 # 4. why small models cost more on a GPU: operator calls, launches and syncs per step

@@ -88,6 +88,7 @@ class HyperParameters(nn.Module):
         self.register_buffer("_scale_low", torch.empty(len(self.names), **factory), persistent=False)
         self.register_buffer("_scale_high", torch.empty(len(self.names), **factory), persistent=False)
         self.scale_range = scale_range
+        self._last_read: tuple[Any, list[float], list[float]] | None = None
         self.reset_parameters()
 
     @property
@@ -163,10 +164,18 @@ class HyperParameters(nn.Module):
         return dict(zip(self.names, self.scale.detach().tolist()))
 
     def values_and_scales(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Both, with one device sync instead of two (the optimizer records them every step)."""
-        with torch.no_grad():
-            vals, scales = torch.stack([self._constrained_now(), self.scale.detach()]).tolist()
-        return dict(zip(self.names, vals)), dict(zip(self.names, scales))
+        """Both, with one device sync instead of two (the optimizer records them every step).
+
+        A read is reused while λ, σ and σ's bounds are unchanged (their version counters and
+        storages): a train step does not move λ, so on a GPU it need not wait for the device here.
+        """
+        key = tuple((t._version, t.data_ptr()) for t in (self.unconstrained, self.raw_scale, self._scale_low, self._scale_high))
+        cached = getattr(self, "_last_read", None)  # absent in models pickled by older versions
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                vals, scales = torch.stack([self._constrained_now(), self.scale.detach()]).tolist()
+            cached = self._last_read = (key, vals, scales)
+        return dict(zip(self.names, cached[1])), dict(zip(self.names, cached[2]))
 
     def sample_noise(self, rows: int) -> Tensor:
         """ε of shape (rows, h): one draw per example, shared down the batch for per-batch specs.

@@ -291,12 +291,12 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
                 loss, response_loss = TRAIN_STEPS[self.mode](
                     self._ctx, tx, batch, loss_fn, census=self.train_steps == 0, response=response
                 )
-                taken = self._finish(tx, "train_step")
+                taken, losses = self._finish(tx, "train_step", loss, response_loss)
             if taken:
                 self.train_steps += 1
             # LR schedulers attached to this object warn unless they see its step was called.
             self._opt_called = True
-            return self._record("train", loss, taken, response_loss)
+            return self._record("train", losses, taken)
 
     def val_step(self, inputs: Any, target: Any, loss_fn: LossFn) -> StepResult:
         """One λ (and σ) step on a validation batch, regularizers off (eval mode).
@@ -316,10 +316,10 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             tx = self._transaction("val")
             with _Rollback(tx, "val_step"):
                 loss = hyper_part(self._ctx, tx, batch, loss_fn, self.tune_scales, self.entropy_weight)
-                taken = self._finish(tx, "val_step")
+                taken, losses = self._finish(tx, "val_step", loss, None)
             if taken:
                 self.val_steps += 1
-            return self._record("val", loss, taken)
+            return self._record("val", losses, taken)
 
     def _check_can_step(self, what: str) -> None:
         if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
@@ -355,28 +355,31 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         ctx = self._ctx
         return tuple((p.dtype, p.device) for p in (*ctx.base_params[:1], *ctx.response_params[:1], *ctx.hyper_params[:1]))
 
-    def _finish(self, tx: StepTransaction, what: str) -> bool:
-        """Check every part, then write all of them; False if the step is skipped."""
-        problems, overflow_only = tx.verdict()
+    def _finish(
+        self, tx: StepTransaction, what: str, loss: Tensor, response_loss: Tensor | None
+    ) -> tuple[bool, tuple[float, float | None]]:
+        """Check every part, then write all of them; False if the step is skipped. The losses
+        come back as floats from the check's own device sync, not one more."""
+        read = [loss] if response_loss is None else [loss, response_loss]
+        problems, overflow_only, floats = tx.verdict(read)
+        losses = (floats[0], floats[1] if response_loss is not None else None)
         if not problems:
             problems = tx.commit()
         if not problems:
             self._proven["train" if what == "train_step" else "val"] = self._placement()
-            return True
+            return True, losses
         tx.rollback()
         if self.nonfinite == "skip" or overflow_only:
             # With a GradScaler, overflowing scaled gradients are routine: skip, as it does.
             self.skipped_steps += 1
-            return False
+            return False, losses
         raise refusal(problems, what)
 
-    def _record(self, kind: Literal["train", "val"], loss: Tensor, taken: bool, response_loss: Tensor | None = None) -> StepResult:
-        hp = self.hyper_model.hparams
-        values, scales = hp.values_and_scales()
-        losses = torch.stack([loss.float(), (loss if response_loss is None else response_loss).float()]).tolist()
-        r_loss = None if response_loss is None else losses[1]
-        self.history.append(Record(self.train_steps, kind, losses[0], values, scales, r_loss, skipped=not taken))
-        return StepResult(loss=losses[0], hparams=values, response_loss=r_loss, skipped=not taken, updated=taken)
+    def _record(self, kind: Literal["train", "val"], losses: tuple[float, float | None], taken: bool) -> StepResult:
+        values, scales = self.hyper_model.hparams.values_and_scales()
+        loss, r_loss = losses
+        self.history.append(Record(self.train_steps, kind, loss, values, scales, r_loss, skipped=not taken))
+        return StepResult(loss=loss, hparams=values, response_loss=r_loss, skipped=not taken, updated=taken)
 
     def _follow_lr(self) -> None:
         """Scale Θ's learning rates with the user's schedule on their optimizer."""

@@ -226,9 +226,10 @@ class StepTransaction:
         return part
 
     # ---- check ---------------------------------------------------------------------------------
-    def verdict(self) -> tuple[list[str], bool]:
-        """Every part's problems (empty if the step may be written) in one device sync, and
-        whether the only problem is a GradScaler overflow (a routine skip)."""
+    def verdict(self, read: Sequence[Tensor] = ()) -> tuple[list[str], bool, list[float]]:
+        """Every part's problems (empty if the step may be written) in one device sync, whether
+        the only problem is a GradScaler overflow (a routine skip), and the scalars ``read`` as
+        floats, fetched in that same sync (the losses the step reports)."""
         scaler = self._scaler
         if self._average is not None:
             for part in self.parts:
@@ -248,9 +249,14 @@ class StepTransaction:
             flags += [part.loss_ok, part.grad_ok]
         if scaler is not None and unscaled:
             scaler.update()  # lowers the scale if unscale_ found inf/NaN, else counts a good step
+        both = [f.to(self._device, torch.float32) for f in flags]
+        both += [r.detach().to(self._device, torch.float32).reshape(()) for r in read]
+        if not both:
+            return [], False, []
+        values = torch.stack(both).tolist()
+        floats = values[len(flags):]
         if not flags:
-            return [], False
-        values = torch.stack([f.to(self._device) for f in flags]).tolist()
+            return [], False, floats
         problems = []
         loss_bad = False
         for i, part in enumerate(self.parts):
@@ -261,7 +267,7 @@ class StepTransaction:
             elif not grad_fine:
                 problems.append(f"the {part.what}'s gradients are not finite")
         overflow_only = scaler is not None and bool(problems) and not loss_bad
-        return problems, overflow_only
+        return problems, overflow_only, floats
 
     # ---- write ---------------------------------------------------------------------------------
     def commit(self) -> list[str]:

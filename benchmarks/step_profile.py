@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,9 +24,28 @@ _spec = importlib.util.spec_from_file_location("overhead", Path(__file__).with_n
 overhead = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(overhead)  # type: ignore[union-attr]
 
+READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
 LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 COPY = ("cudaMemcpyAsync", "cudaMemcpy")
+
+
+def count_reads(step: Callable[[], None], steps: int) -> float:
+    """Tensor reads back to the host (tolist, item, bool(tensor), ...) per step, called from
+    hypertune's frames: each is a device synchronization on a GPU; counted the same on any device."""
+    seen = [0]
+
+    def trace(frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", "") in READS and "hypertune" in frame.f_code.co_filename:
+            seen[0] += 1
+
+    sys.setprofile(trace)
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        sys.setprofile(None)
+    return seen[0] / steps
 
 
 def profile_steps(name: str, device: torch.device, config: str, steps: int, warmup: int, top: int) -> dict:
@@ -41,6 +62,7 @@ def profile_steps(name: str, device: torch.device, config: str, steps: int, warm
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     events = prof.key_averages()
+    reads = count_reads(step, steps)
 
     def count(names: tuple[str, ...]) -> float:
         return sum(e.count for e in events if e.key in names) / steps
@@ -54,6 +76,7 @@ def profile_steps(name: str, device: torch.device, config: str, steps: int, warm
         "syncs_per_step": count(SYNC),
         "memcpys_per_step": count(COPY),
         "host_ms_per_step": sum(e.self_cpu_time_total for e in events) / steps / 1000,
+        "device_reads_per_step": reads,
         "top_host_ops": [{"op": e.key, "calls_per_step": e.count / steps,
                           "self_host_ms_per_step": e.self_cpu_time_total / steps / 1000} for e in ranked],
     }
@@ -64,7 +87,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", default="simple_cnn", help="as in overhead.py: mlp, simple_cnn, resnet18, lstm, gpt2")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", default="delta", help="comma list of tuned modes profiled beside plain")
-    parser.add_argument("--steps", type=int, default=10, help="a multiple of 5 covers whole train/val cycles")
+    parser.add_argument("--steps", type=int, default=15,
+                        help="a multiple of 15 covers whole cycles of Θ (every 3rd) and λ (every 5th) steps")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
@@ -74,10 +98,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     rows = [profile_steps(args.model, device, c, args.steps, args.warmup, args.top)
             for c in ["plain", *args.modes.split(",")]]
-    print(f"{'config':>9} {'aten calls':>11} {'launches':>9} {'syncs':>6} {'memcpys':>8} {'host ms':>8}   (per step)")
+    print(f"{'config':>9} {'aten calls':>11} {'launches':>9} {'syncs':>6} {'memcpys':>8} {'host ms':>8} "
+          f"{'reads':>6}   (per step; reads: hypertune's tensor reads to the host)")
     for r in rows:
         print(f"{r['config']:>9} {r['aten_calls_per_step']:11.1f} {r['kernel_launches_per_step']:9.1f} "
-              f"{r['syncs_per_step']:6.1f} {r['memcpys_per_step']:8.1f} {r['host_ms_per_step']:8.2f}")
+              f"{r['syncs_per_step']:6.1f} {r['memcpys_per_step']:8.1f} {r['host_ms_per_step']:8.2f} "
+              f"{r['device_reads_per_step']:6.1f}")
     for r in rows[1:]:
         print(f"\ntop host ops, {r['config']}:")
         for op in r["top_host_ops"]:

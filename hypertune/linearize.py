@@ -197,7 +197,8 @@ def _load_jvp_decompositions() -> None:
     load = getattr(fwAD, "_maybe_load_decompositions", None)
     if load is not None:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+            # FutureWarning in torch 2.14, DeprecationWarning in 2.11: match the message only
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated")
             load()
 
 

@@ -136,7 +136,8 @@ def test_linearized_call_returns_primal_plus_tangent_and_grads_reach_theta_only(
 
 
 def test_first_linearized_step_emits_no_torch_deprecation_warning():
-    # torch loads its forward-AD decompositions via torch.jit.script on first use, which warns;
+    # torch loads its forward-AD decompositions via torch.jit.script on first use, which warns
+    # (FutureWarning in torch 2.14, DeprecationWarning in 2.11);
     # a fresh process is needed because that load happens once per process.
     import subprocess
     import sys
@@ -149,7 +150,7 @@ def test_first_linearized_step_emits_no_torch_deprecation_warning():
         "x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))\n"
         "opt.train_step(x, y, F.cross_entropy); opt.val_step(x, y, F.cross_entropy)\n"
     )
-    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-W", "error::DeprecationWarning", "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 

@@ -330,3 +330,17 @@ def test_oracle_gap_merge_refuses_parts_of_different_comparisons(tmp_path):
     c = _oracle_part(tmp_path, "c.json", [_oracle_run("fixed", 0.05, 0.9)])
     with pytest.raises(SystemExit, match="more than one part"):
         oracle_gap.merge([a, c])
+
+
+def test_curve_endpoints_separates_the_end_of_budget_score(tmp_path, capsys):
+    endpoints = load("curve_endpoints")
+    improved = {"method": "delta", "seed": 2, "steps": 1876, "best_val_loss": 0.385,
+                "curve": [(20.0, 0.64), (400.0, 0.4067), (420.0, 0.385)]}
+    kept = {"method": "centered", "seed": 0, "steps": 2133, "best_val_loss": 0.391,
+            "curve": [(20.0, 0.5), (400.0, 0.391), (420.0, 0.391)]}
+    (tmp_path / "compare_x_delta_seed2.json").write_text(json.dumps([improved]))
+    (tmp_path / "compare_x_centered_seed0.json").write_text(json.dumps([kept]))
+    rows = endpoints.main([str(tmp_path / "compare_x_delta_seed2.json"), str(tmp_path / "compare_x_centered_seed0.json")])
+    assert [(r["best_periodic"], r["reported"], r["final_improved"]) for r in rows] == [
+        (0.4067, 0.385, True), (0.391, 0.391, False)]
+    assert "compare_x_delta" in capsys.readouterr().out

@@ -251,12 +251,7 @@ class StepTransaction:
             scaler.update()  # lowers the scale if unscale_ found inf/NaN, else counts a good step
         both = [f.to(self._device, torch.float32) for f in flags]
         both += [r.detach().to(self._device, torch.float32).reshape(()) for r in read]
-        if not both:
-            return [], False, []
-        values = torch.stack(both).tolist()
-        floats = values[len(flags):]
-        if not flags:
-            return [], False, floats
+        values = torch.stack(both).tolist() if both else []
         problems = []
         loss_bad = False
         for i, part in enumerate(self.parts):
@@ -267,7 +262,7 @@ class StepTransaction:
             elif not grad_fine:
                 problems.append(f"the {part.what}'s gradients are not finite")
         overflow_only = scaler is not None and bool(problems) and not loss_bad
-        return problems, overflow_only, floats
+        return problems, overflow_only, values[len(flags):]
 
     # ---- write ---------------------------------------------------------------------------------
     def commit(self) -> list[str]:

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,71 +23,26 @@ from torch import nn
 
 import hypertune as ht
 from hypertune import checkpoint
-from hypertune.context import Perturbation
+from test_linearize import _check_tangent, _cnn, _mlp  # the CPU suite's own checks, run on CUDA here
+from test_reliability import _assert_identical, _freeze
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")
 
 
-def _mlp(widths: list[int]) -> nn.Module:
-    layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.GELU()]
-    return nn.Sequential(*layers, nn.Linear(widths[-1], 3))
-
-
-def _cnn(channels: int, groups: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(2, channels * groups, 3, padding=1),
-        nn.BatchNorm2d(channels * groups),
-        nn.Tanh(),
-        nn.Conv2d(channels * groups, channels * groups, 3, groups=groups),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(channels * groups * 4, 3),
-    )
-
-
-def _check_tangent_on_cuda(net: nn.Module, x: torch.Tensor, train: bool, seed: int) -> None:
-    """The forward-AD tangent equals central differences of the centered forward, in float64 on CUDA."""
-    gen = torch.Generator().manual_seed(seed)
-    model = ht.HyperModel.wrap(net.double(), hparams={"a": ht.HParam(init=0.0), "b": ht.WeightDecay(init=0.1)})
-    with torch.no_grad():
-        for p in model.response_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
-    model = model.to(CUDA).train(train)
-    x = x.to(CUDA)
-    space = model.hparams
-    eps = torch.randn(x.shape[0], len(space), generator=gen, dtype=torch.float64).to(CUDA)
-    lam = space.unconstrained.detach().unsqueeze(0).expand(x.shape[0], -1)
-
-    def centered(delta: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), model.evaluated_at(Perturbation(space, lam, delta)):
-            return model(x)
-
-    with torch.no_grad(), model.evaluated_at(Perturbation(space, lam, eps, linearize=True)), fwAD.dual_level():
-        primal, tangent = (t.clone() for t in fwAD.unpack_dual(model(x)))
-    h = 1e-6
-    fd = (centered(h * eps) - centered(-h * eps)) / (2 * h)
-    assert tangent.device.type == "cuda"
-    torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-7)
-    with torch.no_grad():
-        assert torch.equal(primal, model(x))
-
-
 @settings(max_examples=10, deadline=None)
-@given(widths=st.lists(st.integers(1, 9), min_size=1, max_size=3), train=st.booleans(),
+@given(widths=st.lists(st.integers(1, 9), min_size=1, max_size=3), residual=st.booleans(), train=st.booleans(),
        batch=st.integers(2, 6), seed=st.integers(0, 2**16))
-def test_mlp_tangent_matches_central_differences_on_cuda(widths, train, batch, seed):
+def test_mlp_tangent_matches_central_differences_on_cuda(widths, residual, train, batch, seed):
     torch.manual_seed(seed)
-    _check_tangent_on_cuda(_mlp([4, *widths]), torch.randn(batch, 4, dtype=torch.float64), train, seed)
+    _check_tangent(_mlp([4, *widths], residual), torch.randn(batch, 4, dtype=torch.float64), train, seed, CUDA)
 
 
 @settings(max_examples=6, deadline=None)
 @given(channels=st.integers(1, 3), groups=st.sampled_from([1, 2]), train=st.booleans(), seed=st.integers(0, 2**16))
 def test_cnn_tangent_matches_central_differences_on_cuda(channels, groups, train, seed):
     torch.manual_seed(seed)
-    _check_tangent_on_cuda(_cnn(channels, groups), torch.randn(3, 2, 9, 8, dtype=torch.float64), train, seed)
+    _check_tangent(_cnn(channels, groups, (3, 3), 1), torch.randn(3, 2, 9, 8, dtype=torch.float64), train, seed, CUDA)
 
 
 def _resnet() -> nn.Module:
@@ -98,7 +52,7 @@ def _resnet() -> nn.Module:
 
 
 def _cnn_with_dropout() -> nn.Module:
-    net = _cnn(3, 2)
+    net = _cnn(3, 2, (3, 3), 1)
     net.insert(3, nn.Dropout(0.2))
     return net
 
@@ -143,34 +97,8 @@ def _batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _snapshot(model: ht.HyperModel, opt: ht.DeltaSTNOptimizer) -> dict[str, Any]:
-    def freeze(x: Any) -> Any:
-        if torch.is_tensor(x):
-            return x.detach().clone()
-        if isinstance(x, dict):
-            return {k: freeze(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(freeze(v) for v in x)
-        return copy.deepcopy(x)
-
-    return freeze({"model": model.state_dict(), "optimizer": opt.state_dict(), "cpu_rng": torch.get_rng_state(),
-                   "cuda_rng": torch.cuda.get_rng_state(), "grads": [p.grad for p in model.parameters()]})
-
-
-def _assert_identical(a: Any, b: Any, where: str = "") -> None:
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.device == b.device and a.dtype == b.dtype, where
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.nan_to_num(), b.nan_to_num())
-                                     and torch.equal(a.isnan(), b.isnan())), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+    return _freeze({"model": model.state_dict(), "optimizer": opt.state_dict(), "cpu_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(), "grads": [p.grad for p in model.parameters()]})
 
 
 def _nan_on_call(k: int):

@@ -52,14 +52,16 @@ def _randomize_response(model: ht.HyperModel, gen: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
 
 
-def _check_tangent(net: nn.Module, x: torch.Tensor, train: bool, seed: int) -> None:
+def _check_tangent(net: nn.Module, x: torch.Tensor, train: bool, seed: int, device: str | torch.device = "cpu") -> None:
+    """The draws come from a CPU generator, so a seed checks the same case on every device."""
     gen = torch.Generator().manual_seed(seed)
     net = net.double()
     model = ht.HyperModel.wrap(net, hparams={"a": ht.HParam(init=0.0), "b": ht.WeightDecay(init=0.1)})
     _randomize_response(model, gen)
-    model.train(train)
+    model = model.to(device).train(train)
+    x = x.to(device)
     space = model.hparams
-    eps = torch.randn(x.shape[0], len(space), generator=gen, dtype=torch.float64)
+    eps = torch.randn(x.shape[0], len(space), generator=gen, dtype=torch.float64).to(device)
     lam = space.unconstrained.detach().unsqueeze(0).expand(x.shape[0], -1)
 
     def centered(delta: torch.Tensor) -> torch.Tensor:
@@ -75,6 +77,7 @@ def _check_tangent(net: nn.Module, x: torch.Tensor, train: bool, seed: int) -> N
             primal, tangent = primal.clone(), tangent.clone()
     h = 1e-6
     fd = (centered(h * eps) - centered(-h * eps)) / (2 * h)
+    assert tangent.device == x.device
     torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-7)
     # The primal is exactly w₀'s output.
     with torch.no_grad():

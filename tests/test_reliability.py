@@ -93,7 +93,7 @@ def _everything(model: ht.HyperModel, opt: ht.DeltaSTNOptimizer) -> dict[str, An
 
 def _assert_identical(a: Any, b: Any, where: str = "") -> None:
     if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device, where
         assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())), where
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where

@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 _spec = importlib.util.spec_from_file_location("overhead", Path(__file__).with_name("overhead.py"))
 overhead = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(overhead)  # type: ignore[union-attr]
+ht = overhead.ht  # the checkout's hypertune, which overhead.py puts first on the path
 
 READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
 LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
@@ -30,22 +31,28 @@ SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"
 COPY = ("cudaMemcpyAsync", "cudaMemcpy")
 
 
-def count_reads(step: Callable[[], None], steps: int) -> float:
-    """Tensor reads back to the host (tolist, item, bool(tensor), ...) per step, called from
-    hypertune's frames: each is a device synchronization on a GPU; counted the same on any device."""
-    seen = [0]
+def host_reads(fn: Callable[[], object]) -> list[str]:
+    """Tensor reads back to the host (tolist, item, bool(tensor), ...) called from hypertune's own
+    files while ``fn`` runs, as "name at file:line": each is a device synchronization on a GPU,
+    and they are counted the same on any device."""
+    package = str(Path(ht.__file__).resolve().parent)
+    seen: list[str] = []
 
     def trace(frame, event, arg):
-        if event == "c_call" and getattr(arg, "__name__", "") in READS and "hypertune" in frame.f_code.co_filename:
-            seen[0] += 1
+        if event == "c_call" and getattr(arg, "__name__", "") in READS and frame.f_code.co_filename.startswith(package):
+            seen.append(f"{arg.__name__} at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
 
     sys.setprofile(trace)
     try:
-        for _ in range(steps):
-            step()
+        fn()
     finally:
         sys.setprofile(None)
-    return seen[0] / steps
+    return seen
+
+
+def count_reads(step: Callable[[], None], steps: int) -> float:
+    """:func:`host_reads` per step, over ``steps`` steps."""
+    return len(host_reads(lambda: [step() for _ in range(steps)])) / steps
 
 
 def profile_steps(name: str, device: torch.device, config: str, steps: int, warmup: int, top: int) -> dict:

@@ -1,8 +1,9 @@
 """How much of a compare.py result comes from the score taken when the budget ran out.
 
-compare.py scores every ``--eval-every`` steps and once more when the time budget ends; that last
-score falls at a step that depends on the machine's speed, so two runs of one seed can end on
-different steps. This prints, per run, the best of the periodic scores, the end-of-budget score,
+compare.py's one-run methods (the STN modes and untuned) score every ``--eval-every`` steps and
+once more when the time budget ends; that last score falls at a step that depends on the
+machine's speed, so two runs of one seed can end on different steps. (For random search and
+Optuna the last entry is the last trial's score, so the split means nothing there.) This prints, per run, the best of the periodic scores, the end-of-budget score,
 and the best of both (what compare.py reports), with per-method means of each.
 
     python benchmarks/curve_endpoints.py benchmarks/compare_runs/paired/compare_*.json

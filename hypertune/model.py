@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import context, surgery
 from .augment.base import Augmentation
@@ -425,6 +426,57 @@ class HyperModel(nn.Module):
         return self.hparams.values()
 
     # ---- undoing -----------------------------------------------------------------------------
+    def _bake_responses(self, lam: Tensor) -> None:
+        """Fold Θ at λ₀ into w₀, once per (tied) weight. A weight that a module left untuned
+        also holds (Gemma's and BART's scaled embeddings, tied to ``lm_head``) computed with w₀
+        there and with w₀ + Θλ₀ in the hyper-layers: folding it in place would change that
+        module, so the hyper-layers get the folded weight as their own Parameter instead."""
+        layers = self.hyper_layers()
+        inside = {id(m) for m in layers.values()}
+        holders: dict[int, list[str]] = {}
+        for path, module in self.module.named_modules(remove_duplicate=False):
+            if id(module) not in inside and not isinstance(module, parametrize.ParametrizationList):
+                for p in module._parameters.values():
+                    if p is not None:
+                        holders.setdefault(id(p), []).append(path or "the model")
+
+        def stored(layer: HyperLayer) -> list[Tensor]:
+            """The Parameters the weight is made of (a parametrization's originals)."""
+            if parametrize.is_parametrized(layer, "weight"):
+                return list(layer.parametrizations.weight.parameters())  # type: ignore[union-attr]
+            return [layer.weight]
+
+        shared = {}
+        for path, layer in layers.items():
+            users = [h for p in stored(layer) for h in holders.get(id(p), [])]
+            if users:
+                shared[path] = users
+        refusals = [r for layer in layers.values() if (r := layer.bake_refusal()) is not None]
+        refused = [path for path in shared if parametrize.is_parametrized(layers[path], "weight")]
+        if refused:
+            refusals.append(
+                f"plain STN's Θ cannot be folded back into the reparametrized weight of {listing(refused)}: "
+                f"{listing(sorted({h for p in refused for h in shared[p]}))} also hold(s) it untuned; "
+                "unwrap in mode 'delta' or 'centered', or exclude those layers"
+            )
+        if refusals:
+            raise HyperTuneError("; ".join(refusals) + ". The model was not changed")
+        folded: dict[int, nn.Parameter] = {}
+        for path, layer in layers.items():
+            key = id(layer.hyper_projection)
+            if key not in folded:
+                layer.bake(lam, untie=path in shared)
+                folded[key] = layer.weight
+            elif path in shared and layer.weight is not folded[key]:  # a partner of a weight just untied
+                layer.weight = folded[key]
+        if shared:
+            notice(
+                f"unwrap: plain STN's Θ was folded into the weight of {listing(sorted(shared))}, which "
+                f"{listing(sorted({h for hs in shared.values() for h in hs}))} also use(s) untuned; so that "
+                "the unwrapped model computes what the wrapped one did, the tuned layers now have their "
+                "own copy of it (the weight is untied). Re-tying it (transformers' tie_weights()) undoes the fold"
+            )
+
     @torch.no_grad()
     def unwrap(self) -> nn.Module:
         """Return the plain module with tuned values baked in; this HyperModel is then spent.
@@ -441,11 +493,7 @@ class HyperModel(nn.Module):
         values = self.hparam_values()
         lam = self.hparams.unconstrained.detach()
         if not self.centered:
-            baked: set[int] = set()
-            for layer in self.hyper_layers().values():
-                if id(layer.hyper_projection) not in baked:
-                    baked.add(id(layer.hyper_projection))
-                    layer.bake(lam)
+            self._bake_responses(lam)
         for handle in self._hook_handles:
             handle.remove()
         root = self.module

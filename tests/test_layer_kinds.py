@@ -23,6 +23,7 @@ import hypertune as ht
 from hypertune import HParam, HyperModel, WeightDecay
 from hypertune.context import Perturbation
 from hypertune.layers import HyperLayer, registry, row_view
+from hypertune.notices import WrapNotice
 
 
 def _point(hm: HyperModel, delta: torch.Tensor, linearize: bool = False) -> Perturbation:
@@ -287,14 +288,20 @@ def test_timm_linear_is_a_kind():
     assert type(hm.unwrap()[2]) is layers.Linear
 
 
-def test_std_conv_refuses_stn_unwrap_with_the_fix():
+def test_std_conv_refuses_stn_unwrap_with_the_fix_and_changes_nothing():
     layers = pytest.importorskip("timm.layers")
-    model = nn.Sequential(layers.StdConv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), layers.StdConv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     model(torch.randn(1, 3, 5, 5))
     hm = HyperModel.wrap(model, {"wd": WeightDecay()})
     hm.centered = False
-    with pytest.raises(ht.HyperTuneError, match="'delta' or 'centered'"):
+    _randomize(hm)
+    before = {k: v.clone() for k, v in hm.state_dict().items()}
+    with pytest.raises(ht.HyperTuneError, match="'delta' or 'centered'.*not changed"):
         hm.unwrap()
+    # checked before anything was folded: the conv ahead of the StdConv2d kept its w₀
+    after = hm.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 # ---- weight-normed convolutions -------------------------------------------------------------------
@@ -438,6 +445,59 @@ def test_stn_unwrap_bakes_a_tied_weight_once():
     assert plain.shared.weight is plain.embed.weight is plain.head.weight
     with torch.no_grad():
         torch.testing.assert_close(plain(ids), expected, rtol=1e-10, atol=1e-10)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's and BART's word embedding: a subclass with its own forward, which stays w₀."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+class HalfTiedLM(nn.Module):
+    """A tuned head tied to an embedding that is not tuned (Gemma, BART, M2M100)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
+        super().__init__()
+        self.embed = ScaledEmbedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def test_stn_unwrap_unties_a_weight_an_untuned_module_shares():
+    torch.manual_seed(0)
+    model = HalfTiedLM().double()
+    w0 = model.embed.weight.detach().clone()
+    with pytest.warns(WrapNotice):  # the embedding stays w₀
+        hm = HyperModel.wrap(model, {"wd": WeightDecay()})
+    assert set(hm.hyper_layers()) == {"mix", "head"}
+    hm.centered = False
+    _randomize(hm)
+    hm.eval()
+    ids = torch.randint(0, 11, (3, 4))
+    with torch.no_grad():
+        expected = hm(ids)
+    with pytest.warns(WrapNotice, match=r"untied.*tie_weights"):
+        plain = hm.unwrap().eval()
+    # the embedding computed with w₀ in the wrapped model and still does; the head has the fold
+    assert torch.equal(plain.embed.weight, w0)
+    assert plain.head.weight is not plain.embed.weight
+    assert not torch.equal(plain.head.weight, w0)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_centered_unwrap_keeps_a_half_tied_weight_tied():
+    model = HalfTiedLM()
+    with pytest.warns(WrapNotice):
+        hm = HyperModel.wrap(model, {"wd": WeightDecay()})
+    _randomize(hm)
+    plain = hm.unwrap()
+    assert plain.head.weight is plain.embed.weight
 
 
 def test_tied_kinds_that_cannot_share_a_response_are_refused():

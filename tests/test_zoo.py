@@ -90,6 +90,27 @@ def hf(name: str) -> tuple[nn.Module, Batch]:
             vocab_size=100, num_key_value_heads=1, max_position_embeddings=64, attention_dropout=0.1, **tiny
         )
         return transformers.LlamaForCausalLM(config), token_batch("lm")
+    if name == "bart":  # the LM head is tied to a scaled embedding, which stays w₀
+        config = transformers.BartConfig(
+            vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        )
+        return transformers.BartForConditionalGeneration(config), token_batch("seq2seq")
+    if name == "gemma":  # the same tie, and no dropout modules
+        config = transformers.GemmaConfig(vocab_size=100, num_key_value_heads=1, head_dim=16, **tiny)
+        return transformers.GemmaForCausalLM(config), token_batch("lm")
+    if name == "mistral":
+        config = transformers.MistralConfig(vocab_size=100, num_key_value_heads=1, max_position_embeddings=64, **tiny)
+        return transformers.MistralForCausalLM(config), token_batch("lm")
+    if name == "opt":
+        config = transformers.OPTConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+            word_embed_proj_dim=32, max_position_embeddings=64,
+        )
+        return transformers.OPTForCausalLM(config), token_batch("lm")
+    if name == "deberta_v2":
+        config = transformers.DebertaV2Config(vocab_size=100, num_labels=3, max_position_embeddings=64, **tiny)
+        return transformers.DebertaV2ForSequenceClassification(config), token_batch("classify")
     if name == "t5":
         config = transformers.T5Config(
             vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0
@@ -255,8 +276,8 @@ def check_zoo_model(
             _same(_call(unwrapped, inputs), wrapped_out, exact=mode != "stn")
 
 
-FAST_HF = ["bert", "gpt2", "llama", "t5", "vit"]
-SLOW_HF = ["roberta", "distilbert", "whisper", "wav2vec2"]
+FAST_HF = ["bert", "gpt2", "llama", "t5", "vit", "bart"]
+SLOW_HF = ["roberta", "distilbert", "whisper", "wav2vec2", "gemma", "mistral", "opt", "deberta_v2"]
 FAST_TIMM = ["vit", "deit", "convnext", "efficientnet", "swin"]
 SLOW_TIMM = ["xcit", "resnet", "nfnet", "convnext_atto", "efficientnet_b0"]
 FAST_TORCHVISION = ["resnet18"]

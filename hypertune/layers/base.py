@@ -307,10 +307,17 @@ class HyperLayer(nn.Module):
         return total
 
     @torch.no_grad()
-    def bake(self, response_input: Tensor) -> None:
-        """Fold Θ at one point into w₀ in place (plain STN, whose w₀ is not the current weights).
+    def bake_refusal(self) -> str | None:
+        """Why Θ cannot be folded into this layer's weight (checked for every layer before any
+        is folded, so a refused ``unwrap`` changes nothing); ``None`` when it can."""
+        return None
 
-        A reparametrized weight (weight_norm) is set through its parametrization.
+    def bake(self, response_input: Tensor, *, untie: bool = False) -> None:
+        """Fold Θ at one point into w₀ (plain STN, whose w₀ is not the current weights).
+
+        In place, unless ``untie``: then the folded weight is a new Parameter, for a weight that
+        a module left untuned also holds, which must keep computing with w₀. A reparametrized
+        weight (weight_norm) is set through its parametrization.
         """
         s_w, s_b = self.split(self.hyper_projection(response_input.reshape(1, -1)))
         shape = [1] * self.weight.dim()
@@ -318,6 +325,8 @@ class HyperLayer(nn.Module):
         delta = s_w.reshape(shape) * self.response_weight
         if parametrize.is_parametrized(self, "weight"):
             self.weight = self.weight + delta
+        elif untie:
+            self.weight = nn.Parameter(self.weight.detach() + delta, requires_grad=self.weight.requires_grad)
         else:
             self.weight.add_(delta)
         bias = getattr(self, "bias", None)

@@ -68,8 +68,11 @@ class HyperStdConv2d(HyperConv2d):
         rows = 1 if response_input is None else response_input.shape[0]
         return super().weight_sq_norm(None, include_bias).expand(rows)
 
-    def bake(self, response_input: Tensor) -> None:
-        raise HyperTuneError(
+    def bake_refusal(self) -> str | None:
+        return (
             f"'{self.hyper_path}' ({self.original_class.__name__}) standardizes its weight, so plain STN's "
             "Θ cannot be folded back into it: unwrap in mode 'delta' or 'centered', or exclude it"
         )
+
+    def bake(self, response_input: Tensor, *, untie: bool = False) -> None:
+        raise HyperTuneError(self.bake_refusal())

@@ -285,4 +285,40 @@ def apply(model: nn.Module, surgery: SurgeryPlan, num_hyper: int) -> Installatio
         into.replace(lp.site, layer)
     for name, claim in surgery.claims.items():
         surgery.kinds[name].install(name, claim, into)
+    _switch_off_fast_paths(into)
     return into
+
+
+class _RestoreAttribute:
+    """A hook-handle-like undo for an attribute surgery set: ``remove()`` puts the old value back."""
+
+    def __init__(self, module: nn.Module, name: str, value: Any) -> None:
+        self.module, self.name, self.value = module, name, value
+
+    def remove(self) -> None:
+        setattr(self.module, self.name, self.value)
+
+
+def _no_op_pre_hook(module: nn.Module, args: Any) -> None:
+    return None
+
+
+def _switch_off_fast_paths(into: Installation) -> None:
+    """Keep torch's fused Transformer inference paths off modules that hold hyper-layers.
+
+    In eval mode, when no weight needs a gradient (inference, and every λ step, which freezes the
+    weights), ``nn.TransformerEncoderLayer`` runs one fused kernel that reads ``linear1`` and
+    ``linear2``'s weights directly and never calls their forwards: Θ is ignored and λ gets no
+    gradient through the layer (the λ step even fails when nothing else is tuned). Any forward
+    pre-hook on the layer is torch's own reason to take the ordinary path; ``nn.TransformerEncoder``
+    would also turn a padded batch into a nested tensor, which hyper-layers cannot take. Both
+    are undone by ``unwrap``.
+    """
+    for module in into.root.modules():
+        if not any(isinstance(m, HyperLayer) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer):
+            into.hooks.append(module.register_forward_pre_hook(_no_op_pre_hook))
+        elif isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+            into.hooks.append(_RestoreAttribute(module, "use_nested_tensor", True))
+            module.use_nested_tensor = False

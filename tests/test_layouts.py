@@ -209,6 +209,51 @@ def test_batch_first_transformer_is_perturbed_per_example():
     assert model.perturbed_per_batch is None
 
 
+class EncoderOnly(nn.Module):
+    """nn.TransformerEncoder, batch first, whose output is used as it is (nothing tuned after it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder(x, src_key_padding_mask=pad).mean(1)[:, :2]
+
+
+def test_transformer_fast_path_does_not_bypass_hyper_layers():
+    """torch's fused encoder-layer kernel (eval, no weight needing a gradient) reads linear1 and
+    linear2's weights without calling them: λ steps got no gradient through the encoder (here,
+    with nothing tuned after it, no gradient at all) and STN's Θ was ignored at inference."""
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's nested-tensor notice about odd head counts etc.
+        net = EncoderOnly()
+    model = ht.HyperModel.wrap(net, {"wd": ht.WeightDecay()})
+    assert len(model.hyper_layers()) == 4
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), warmup_steps=0)
+    x, y = torch.randn(3, 5, 8), torch.tensor([0, 1, 1])
+    before = model.hparams.unconstrained.detach().clone()
+    opt.train_step(x, y, F.cross_entropy)
+    assert opt.val_step(x, y, F.cross_entropy).updated
+    assert not torch.equal(model.hparams.unconstrained.detach(), before)
+    # plain STN: inference under no_grad (the fused path's condition) sees Θ, as with grad on
+    model.centered = False
+    with torch.no_grad():
+        for layer in model.hyper_layers().values():
+            layer.hyper_projection.weight.normal_(0.0, 0.5)
+    model.eval()
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    for mask in (None, pad):  # a padding mask would also turn the batch into a nested tensor
+        with torch.no_grad():
+            fused_conditions = model(x, mask)
+        torch.testing.assert_close(fused_conditions, model(x, mask).detach())
+    # unwrap gives torch its fast paths back
+    plain = model.unwrap()
+    assert plain.encoder.use_nested_tensor
+    assert not any(m._forward_pre_hooks for m in plain.modules())
+
+
 class Unplaceable(nn.Module):
     """T5's relative-position bias: an embedding of a (q, k) table with no batch axis, whose
     output is then added to every example's attention scores."""

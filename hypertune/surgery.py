@@ -36,8 +36,31 @@ _DISTRIBUTED = ("DistributedDataParallel", "DataParallel", "FullyShardedDataPara
 FUNCTIONAL_WEIGHT_USERS = {"ShiftedWindowAttention", "ShiftedWindowAttentionV2", "ShiftedWindowAttention3d"}
 
 
+# timm's BEiT and EVA attention with a q/v bias: ``F.linear(x, self.qkv.weight, cat(q_bias, 0, v_bias))``
+# (their ``qkv_bias_separate`` variant calls ``self.qkv`` and is tuned as usual).
+_QKV_BIAS_ATTENTION = {("timm.models.beit", "Attention"), ("timm.models.eva", "EvaAttention")}
+
+
 def uses_weights_functionally(module: nn.Module) -> bool:
+    """Whether ``module`` reads every child's weights without calling the child."""
     return isinstance(module, nn.MultiheadAttention) or type(module).__name__ in FUNCTIONAL_WEIGHT_USERS
+
+
+def children_used_functionally(module: nn.Module) -> tuple[str, ...]:
+    """The children whose weights ``module`` reads without calling them (its other children are
+    called as usual)."""
+    cls = type(module)
+    if (cls.__module__, cls.__name__) in _QKV_BIAS_ATTENTION and getattr(module, "q_bias", None) is not None:
+        return () if getattr(module, "qkv_bias_separate", False) else ("qkv",)
+    return ()
+
+
+def _functional_owner(path: str, functional: list[str]) -> str | None:
+    """The module that reads ``path``'s weights without calling it, if any. ``functional`` holds
+    modules that do so for all their descendants, and single children marked ``"path/"``."""
+    if path + "/" in functional:
+        return path.rpartition(".")[0]
+    return next((a for a in functional if not a.endswith("/") and _inside(path, [a])), None)
 
 
 def _inside(path: str, parents: list[str]) -> bool:
@@ -95,6 +118,7 @@ def _choose_layers(
     """The modules that become hyper-layers, each with its kind; refusals go to ``problems`` and
     weight-bearing modules left as w₀ to ``untuned`` (path -> why)."""
     functional = [s.path for s in sites if uses_weights_functionally(s.module)]
+    functional += [f"{s.path}.{c}/" if s.path else f"{c}/" for s in sites for c in children_used_functionally(s.module)]
     matched: set[int] = set()
     chosen: list[LayerPlan] = []
     for site in sites:
@@ -146,8 +170,8 @@ def _layer_kind(
     path, module = site.path, site.module
     bearing = _weight_bearing(module)
     found = registry.match(module)
-    if _inside(path, functional):
-        parent = next(a for a in functional if _inside(path, [a]))
+    parent = _functional_owner(path, functional)
+    if parent is not None:
         if named and found is not None:
             owner = type(sites_at(sites, parent)).__name__
             problems.append(

@@ -162,6 +162,9 @@ def timm_model(name: str) -> tuple[nn.Module, Batch]:
     if name in ("vit", "deit"):
         arch = "vit_tiny_patch16_224" if name == "vit" else "deit_tiny_patch16_224"
         return timm.create_model(arch, **vit, **drops), image_batch()
+    if name in ("beit", "eva"):  # attention with a q/v bias reads qkv.weight functionally: qkv stays w₀
+        arch = "beit_base_patch16_224" if name == "beit" else "eva02_tiny_patch14_224"
+        return timm.create_model(arch, **vit, **drops), image_batch()
     if name == "swin":
         model = timm.create_model(
             "swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
@@ -278,8 +281,8 @@ def check_zoo_model(
 
 FAST_HF = ["bert", "gpt2", "llama", "t5", "vit", "bart"]
 SLOW_HF = ["roberta", "distilbert", "whisper", "wav2vec2", "gemma", "mistral", "opt", "deberta_v2"]
-FAST_TIMM = ["vit", "deit", "convnext", "efficientnet", "swin"]
-SLOW_TIMM = ["xcit", "resnet", "nfnet", "convnext_atto", "efficientnet_b0"]
+FAST_TIMM = ["vit", "deit", "convnext", "efficientnet", "swin", "beit"]
+SLOW_TIMM = ["xcit", "resnet", "nfnet", "convnext_atto", "efficientnet_b0", "eva"]
 FAST_TORCHVISION = ["resnet18"]
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .errors import PerturbationError
+from .errors import CHECKPOINTING_FIX, PerturbationError
 from .rows import BatchPerturbationNeeded
 
 if TYPE_CHECKING:
@@ -182,6 +182,17 @@ def lock_for(owner: object) -> FairLock:
         if lock is None:
             lock = _LOCKS[owner] = FairLock()
         return lock
+
+
+def outside_forward_fix() -> str:
+    """The fix for a tuned module run outside a HyperModel forward: inside a backward pass that
+    is activation checkpointing's recomputation, else a call of an inner module."""
+    if torch._C._current_graph_task_id() != -1:
+        return (
+            "it ran during backward, so activation (gradient) checkpointing is recomputing the forward, "
+            f"which hypertune cannot take: {CHECKPOINTING_FIX}"
+        )
+    return "call the wrapped model rather than its inner module"
 
 
 def hparam(name: str) -> Tensor:

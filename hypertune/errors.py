@@ -38,3 +38,12 @@ class NonFiniteLossError(HyperTuneError, FloatingPointError):
 
 class StateDictError(HyperTuneError, ValueError):
     """A state dict from another layout, mode or model."""
+
+
+# How to turn activation checkpointing off, for the errors that meet it: its recomputation runs
+# during backward, outside the HyperModel's forward (no per-example rates, no Δ-STN tangents).
+CHECKPOINTING_FIX = (
+    "turn checkpointing off: model.gradient_checkpointing_disable() (Hugging Face; "
+    "TrainingArguments(gradient_checkpointing=False) with the Trainer), model.set_grad_checkpointing(False) "
+    "(timm), or leave torch.utils.checkpoint out of the forward"
+)

@@ -69,6 +69,11 @@ def _sequence_first_site(module: nn.Module) -> str | None:
     return None
 
 
+# Attributes that switch activation checkpointing on: Hugging Face's ``gradient_checkpointing``
+# (set by ``gradient_checkpointing_enable()``) and timm's ``grad_checkpointing``.
+_CHECKPOINT_SWITCHES = ("gradient_checkpointing", "grad_checkpointing")
+
+
 @dataclass(frozen=True)
 class Coverage:
     """How much of a wrapped model is tuned: the share of its w₀ weights (by element count)
@@ -132,6 +137,10 @@ class HyperModel(nn.Module):
         self._intercept_rates = False  # a tuned dropout's rate is read as a float (attention)
         self._sequence_first = _sequence_first_site(module)
         self._guide: rows.LayoutGuide | None = None  # layouts found by a one-example probe pass
+        # the library switches for activation checkpointing (Hugging Face, timm), read each step
+        self._checkpoint_switches = [
+            (path, m, attr) for path, m in module.named_modules() for attr in _CHECKPOINT_SWITCHES if hasattr(m, attr)
+        ]
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -425,6 +434,12 @@ class HyperModel(nn.Module):
     def hparam_values(self) -> dict[str, float]:
         return self.hparams.values()
 
+    def checkpointed_modules(self) -> list[str]:
+        """Modules with activation (gradient) checkpointing switched on, which training cannot take:
+        the recomputation runs in backward, outside this model's forward, so dropout has no
+        per-example rate there and Θ's tangents are gone."""
+        return [path or "<root>" for path, m, attr in self._checkpoint_switches if getattr(m, attr) is True]
+
     # ---- undoing -----------------------------------------------------------------------------
     def _bake_responses(self, lam: Tensor) -> None:
         """Fold Θ at λ₀ into w₀, once per (tied) weight. A weight that a module left untuned
@@ -441,10 +456,12 @@ class HyperModel(nn.Module):
                         holders.setdefault(id(p), []).append(path or "the model")
 
         def stored(layer: HyperLayer) -> list[Tensor]:
-            """The Parameters the weight is made of (a parametrization's originals)."""
+            """The Parameters the weight is made of (a parametrization's originals; none for
+            layers with weights of their own names, like HyperLSTM's)."""
             if parametrize.is_parametrized(layer, "weight"):
                 return list(layer.parametrizations.weight.parameters())  # type: ignore[union-attr]
-            return [layer.weight]
+            weight = layer._parameters.get("weight")
+            return [] if weight is None else [weight]
 
         shared = {}
         for path, layer in layers.items():
@@ -461,14 +478,19 @@ class HyperModel(nn.Module):
             )
         if refusals:
             raise HyperTuneError("; ".join(refusals) + ". The model was not changed")
-        folded: dict[int, nn.Parameter] = {}
+        untied: dict[int, nn.Parameter] = {}  # response -> the weight folded into a new Parameter
+        baked: set[int] = set()
         for path, layer in layers.items():
             key = id(layer.hyper_projection)
-            if key not in folded:
-                layer.bake(lam, untie=path in shared)
-                folded[key] = layer.weight
-            elif path in shared and layer.weight is not folded[key]:  # a partner of a weight just untied
-                layer.weight = folded[key]
+            if key not in baked:
+                baked.add(key)
+                if path in shared:
+                    layer.bake(lam, untie=True)
+                    untied[key] = layer.weight
+                else:  # (layer kinds registered before ``untie`` existed take one argument)
+                    layer.bake(lam)
+            elif key in untied and layer.weight is not untied[key]:  # a tie partner of the untied weight
+                layer.weight = untied[key]
         if shared:
             notice(
                 f"unwrap: plain STN's Θ was folded into the weight of {listing(sorted(shared))}, which "

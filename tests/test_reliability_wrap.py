@@ -242,3 +242,71 @@ def test_weight_decay_counts_a_tied_weight_once():
     expected = 0.5 * 0.5 * model.emb.weight.detach().pow(2).sum()
     torch.testing.assert_close(penalty, expected.reshape(1), rtol=1e-6, atol=0)
     assert ht.Schedule.constant({"wd": 0.5}, hm.describe_hparams()).meta["wd"]["params"] == ["emb.weight"]
+
+
+# ---- activation checkpointing is refused, with the fix --------------------------------------------------
+class CheckpointedBlock(nn.Module):
+    """A user forward that runs a block (with a dropout) under torch.utils.checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+        return self.head(h)
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_same(before: dict[str, torch.Tensor], module: nn.Module) -> None:
+    after = module.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_checkpoint_in_the_users_forward_is_refused_during_backward_with_the_fix():
+    torch.manual_seed(0)
+    model = HyperModel.wrap(CheckpointedBlock(), {"dropout": DropoutRate(init=0.2)})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0)
+    before = _snapshot(model)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 1, 0])
+    with pytest.raises(ht.HyperTuneError, match=r"during backward.*checkpointing.*turn checkpointing off"):
+        opt.train_step(x, y, F.cross_entropy)
+    _assert_same(before, model)
+    assert opt.train_steps == 0
+
+
+@pytest.mark.parametrize("mode", ["delta", "centered", "stn"])
+def test_checkpoint_recomputing_a_hyper_layer_is_refused_with_the_fix(mode):
+    """Without a tuned dropout in it, the region recomputes without Θ or tangents: torch's
+    CheckpointError, turned into one hypertune error with the fix."""
+    torch.manual_seed(0)
+    model = HyperModel.wrap(CheckpointedBlock(), {"wd": WeightDecay()})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0, mode=mode)
+    before = _snapshot(model)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 1, 0])
+    with pytest.raises(ht.HyperTuneError, match=r"recomputed a region under activation.*gradient_checkpointing_disable"):
+        opt.train_step(x, y, F.cross_entropy)
+    _assert_same(before, model)
+
+
+def test_hugging_face_gradient_checkpointing_is_refused_before_the_step():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+    net = transformers.GPT2LMHeadModel(config)
+    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = HyperModel.wrap(net, {"dropout": DropoutRate(init=0.1)})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0)
+    ids = torch.randint(0, 50, (2, 6))
+    loss = lambda out, t: F.cross_entropy(out.logits.flatten(0, 1), t.flatten())  # noqa: E731
+    before = _snapshot(model)
+    with pytest.raises(ht.HyperTuneError, match=r"checkpointing is on in .*gradient_checkpointing_disable\(\)"):
+        opt.train_step({"input_ids": ids}, ids, loss)
+    _assert_same(before, model)
+    assert opt.val_step({"input_ids": ids}, ids, loss).updated  # evaluation recomputes nothing
+    net.gradient_checkpointing_disable()
+    assert not opt.train_step({"input_ids": ids}, ids, loss).skipped

@@ -164,7 +164,7 @@ class HyperDropout(nn.Module):
         if p is None:
             raise PerturbationError(
                 f"HyperDropout '{self.hyper_path}' ran outside a HyperModel forward, so it has no rate; "
-                "call the wrapped model rather than its inner module"
+                + context.outside_forward_fix()
             )
         self.__dict__["used_in"] = p
         return dropout_per_example(

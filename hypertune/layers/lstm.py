@@ -494,7 +494,7 @@ class HyperLSTM(HyperLayer, nn.LSTM):
         return total
 
     @torch.no_grad()
-    def bake(self, response_input: Tensor) -> None:
+    def bake(self, response_input: Tensor, *, untie: bool = False) -> None:
         scales = self._scales(response_input.reshape(1, -1))
         for k, sfx in enumerate(self._suffixes()):
             for name, which in self._pairs(sfx, True):
@@ -525,7 +525,7 @@ class HyperLSTM(HyperLayer, nn.LSTM):
         if regularized and p is None:
             raise PerturbationError(
                 f"{self._where()} ran in training mode outside a HyperModel forward, so its tuned "
-                "regularizers have no rates; call the wrapped model rather than its inner module"
+                "regularizers have no rates; " + context.outside_forward_fix()
             )
         if not modulated and not regularized and not _is_dual(input, hx):
             return nn.LSTM.forward(self, input, hx)

@@ -21,10 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as _distributed
-from ..errors import HyperTuneError, NonFiniteLossError, StateDictError
+from ..errors import CHECKPOINTING_FIX, HyperTuneError, NonFiniteLossError, StateDictError
 from ..history import History, Record
 from ..linearize import needs_op_rewrites
 from ..model import HyperModel
+from ..notices import listing
 from . import state as saved_state
 from .arguments import BYPASSING_DDP, Mode, NonFinite, argument_problems, placement, take_over_problems
 from .inner import DEFAULT_RESPONSE_LR, hyper_optimizer_for, reference_lr, response_optimizer_for, take_over
@@ -330,6 +331,13 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             )
         if self._ddp is None and _distributed.prepared_for_ddp(self.hyper_model):
             raise HyperTuneError(BYPASSING_DDP)
+        checkpointed = self.hyper_model.checkpointed_modules() if what == "train_step" else []
+        if checkpointed:
+            raise HyperTuneError(
+                f"activation (gradient) checkpointing is on in {listing(checkpointed)}. It recomputes "
+                "the forward during backward, outside the HyperModel's forward, where tuned dropout "
+                f"has no per-example rate and Δ-STN's tangents do not exist: {CHECKPOINTING_FIX}; {UNCHANGED}"
+            )
 
     def _transaction(self, kind: str) -> StepTransaction:
         scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None

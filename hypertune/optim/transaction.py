@@ -30,9 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ..errors import NonFiniteLossError
+from ..errors import CHECKPOINTING_FIX, HyperTuneError, NonFiniteLossError
+
+# torch >= 2.1; older torch raises a RuntimeError, which reaches the user as it is
+_CheckpointError: Any = getattr(torch.utils.checkpoint, "CheckpointError", ())
 
 #: What a refused step leaves unchanged, for error messages.
 UNCHANGED = (
@@ -218,8 +222,15 @@ class StepTransaction:
         snapshot: bool = False,
     ) -> Part:
         """Backpropagate one part's objective; its gradients land in ``params``' ``.grad``."""
-        with autocast_disabled():
-            (objective if self._scaler is None else self._scaler.scale(objective)).backward()
+        try:
+            with autocast_disabled():
+                (objective if self._scaler is None else self._scaler.scale(objective)).backward()
+        except _CheckpointError as err:  # a checkpointed region recomputed without Θ / tangents
+            raise HyperTuneError(
+                f"the {what}'s backward recomputed a region under activation (gradient) checkpointing "
+                "outside the HyperModel's forward, where hyper-layers have no Θ or tangents, so torch found "
+                f"another graph than the forward's (its CheckpointError is chained below): {CHECKPOINTING_FIX}"
+            ) from err
         part = Part(what, data_loss.detach(), objective.detach(), list(params), list(optimizers), snapshot)
         part.loss_ok = torch.isfinite(part.objective)
         self.parts.append(part)

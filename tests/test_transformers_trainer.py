@@ -368,7 +368,7 @@ def test_a_refused_micro_batch_adds_nothing():
 # ---- refusals -----------------------------------------------------------------------------------------
 def _refusal(tmp_path, **change):
     model = change.pop("model", None)
-    training = {k: change.pop(k) for k in list(change) if k in ("torch_compile", "weight_decay", "fsdp", "deepspeed")}
+    training = {k: change.pop(k) for k in list(change) if k in ("torch_compile", "weight_decay", "fsdp", "deepspeed", "gradient_checkpointing")}
     a = args(tmp_path, **{k: v for k, v in training.items() if k not in ("fsdp", "deepspeed")})
     for k in ("fsdp", "deepspeed"):  # TrainingArguments validates these itself; set them as a loaded config would
         if k in training:
@@ -389,6 +389,7 @@ def _foreign_optimizer():
         (dict(model="plain"), "model must be a HyperModel"),
         (dict(tune_dataset=None), "tune_dataset is missing"),
         (dict(torch_compile=True), "torch_compile"),
+        (dict(gradient_checkpointing=True), "gradient_checkpointing=True"),
         (dict(weight_decay=0.01), "decay would be applied twice"),
         (dict(fsdp=["full_shard"]), "fsdp"),
         (dict(deepspeed={"zero_optimization": {"stage": 2}}), "deepspeed"),

@@ -36,7 +36,7 @@ At the end of ``train()`` the schedule is written to ``output_dir`` as
 
 Not supported, refused when the Trainer is built: DeepSpeed, FSDP, several processes or
 several GPUs in one process (use the accelerate recipe in the README,
-:func:`hypertune.integrations.accelerate.prepare`), ``torch_compile``, ``model_init``, an
+:func:`hypertune.integrations.accelerate.prepare`), ``torch_compile``, ``gradient_checkpointing``, ``model_init``, an
 optimizer that is not one ``torch.optim.Optimizer``, and ``weight_decay > 0`` together with a
 tuned ``WeightDecay`` (the decay would be applied twice). The loss is the model's own (or
 ``compute_loss_func``, or label smoothing) as a mean over each micro-batch: token-count
@@ -216,6 +216,13 @@ def _unsupported(args: TrainingArguments, world_size: int) -> list[str]:
             "torch_compile=True: the Trainer compiles the model after DeltaSTNTrainer has built its "
             "steps on the uncompiled one; drop it (DeltaSTNOptimizer takes a compiled model in a "
             "hand-written loop)"
+        )
+    if getattr(args, "gradient_checkpointing", False):
+        problems.append(
+            "gradient_checkpointing=True: its recomputation runs during backward, outside the "
+            "HyperModel's forward, where tuned dropout has no per-example rate and Θ's tangents do "
+            "not exist; drop it (a smaller per-device batch with gradient_accumulation_steps saves "
+            "memory instead)"
         )
     if world_size > 1:
         problems.append(

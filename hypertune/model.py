@@ -76,8 +76,8 @@ _CHECKPOINT_SWITCHES = ("gradient_checkpointing", "grad_checkpointing")
 
 @dataclass(frozen=True)
 class Coverage:
-    """How much of a wrapped model is tuned: the share of its w₀ weights (by element count)
-    that hyper-layers modulate, and each weight-bearing module left as w₀ with the reason."""
+    """How much of a wrapped model is tuned: the share of its trainable w₀ weights (by element
+    count) that hyper-layers modulate, and each weight-bearing module left as w₀ with the reason."""
 
     tuned_fraction: float
     untuned: dict[str, str]
@@ -177,7 +177,7 @@ class HyperModel(nn.Module):
         wrapped = cls(installed.root, space, plan, installed)
         if wrapped._untuned:
             coverage = wrapped.coverage()
-            if any(why != "excluded" and why != "not selected by targets" for why in coverage.untuned.values()):
+            if any(why not in ("excluded", "not selected by targets", surgery.FROZEN) for why in coverage.untuned.values()):
                 notice(f"hypertune: {coverage} (see HyperModel.coverage())")
         return wrapped
 
@@ -187,7 +187,7 @@ class HyperModel(nn.Module):
         tuned: set[int] = set()
         for layer in self.hyper_layers().values():
             tuned.update(id(p) for p in layer.parameters() if id(p) not in theta)
-        base = self.base_parameters()
+        base = [p for p in self.base_parameters() if p.requires_grad]  # frozen weights are not for tuning
         total = sum(p.numel() for p in base)
         covered = sum(p.numel() for p in base if id(p) in tuned)
         return Coverage(covered / total if total else 0.0, dict(self._untuned))

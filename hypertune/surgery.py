@@ -79,6 +79,18 @@ def _weight_bearing(module: nn.Module) -> bool:
     return any(_is_matrix(p) for p in module.parameters(recurse=False))
 
 
+# Why a frozen module stays w₀; like "excluded", the user's own choice, so the wrap notice skips it.
+FROZEN = "frozen (requires_grad=False): its weights do not train, so they have no response"
+
+
+def _frozen(module: nn.Module) -> bool:
+    """Its weight matrices (a parametrization's originals too) are all frozen. A hyper-layer there
+    would learn a response that training never follows (w₀ cannot move), and λ's gradient would
+    count it: a frozen backbone under a trained head stays w₀."""
+    matrices = [p for p in module.parameters() if _is_matrix(p)]
+    return bool(matrices) and not any(p.requires_grad for p in matrices)
+
+
 def _is_matrix(p: nn.Parameter) -> bool:
     return isinstance(p, nn.parameter.UninitializedParameter) or p.dim() >= 2
 
@@ -180,6 +192,16 @@ def _layer_kind(
             )
         elif bearing:
             untuned[path] = f"its weights are used functionally by '{parent or '<root>'}'"
+        return None
+    if bearing and _frozen(module):
+        if named:
+            problems.append(
+                f"{describe(path, module)} was selected by targets, but its weights are frozen "
+                "(requires_grad=False), so they cannot respond to the hyperparameters: remove it from "
+                "targets, or unfreeze it before wrapping"
+            )
+        else:
+            untuned[path] = FROZEN
         return None
     if found is None:
         if uses_weights_functionally(module):

@@ -8,6 +8,7 @@ raise exactly that error naming the problem, and the model must be byte-identica
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 
 import hypertune as ht
 from hypertune import DropoutRate, HParam, HyperModel, InputDropout, WeightDecay
+from hypertune.notices import WrapNotice
 
 
 class Net(nn.Module):
@@ -310,3 +312,38 @@ def test_hugging_face_gradient_checkpointing_is_refused_before_the_step():
     assert opt.val_step({"input_ids": ids}, ids, loss).updated  # evaluation recomputes nothing
     net.gradient_checkpointing_disable()
     assert not opt.train_step({"input_ids": ids}, ids, loss).skipped
+
+
+# ---- a frozen backbone stays w₀ -------------------------------------------------------------------------
+def _frozen_backbone() -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2))
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def test_frozen_layers_stay_w0_without_a_notice_and_never_move():
+    """A response for weights that cannot train is never followed, and λ's gradient would count it."""
+    torch.manual_seed(0)
+    net = _frozen_backbone()
+    frozen = net[0].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WrapNotice)  # the user froze it: nothing to tell them
+        model = HyperModel.wrap(net, {"dropout": DropoutRate(init=0.1), "wd": WeightDecay()})
+    assert list(model.hyper_layers()) == ["3"]
+    assert model.coverage().tuned_fraction == 1.0 and "frozen" in model.coverage().untuned["0"]
+    assert model.describe_hparams()["wd"]["params"] == ["3.weight"]
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                               warmup_steps=0)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 1, 0])
+    for _ in range(3):
+        opt.train_step(x, y, F.cross_entropy)
+    assert opt.val_step(x, y, F.cross_entropy).updated
+    assert torch.equal(net[0].weight, frozen)
+
+
+def test_a_frozen_layer_named_in_targets_is_refused():
+    net = _frozen_backbone()
+    with pytest.raises(ht.WrapError, match=r"'0' .*frozen \(requires_grad=False\).*unfreeze it"):
+        HyperModel.wrap(net, {"wd": WeightDecay()}, targets=["0", "3"])
+    assert type(net[0]) is nn.Linear

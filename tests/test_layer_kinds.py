@@ -22,7 +22,7 @@ from torch.nn.utils import parametrizations
 import hypertune as ht
 from hypertune import HParam, HyperModel, WeightDecay
 from hypertune.context import Perturbation
-from hypertune.layers import HyperLayer, registry, row_view
+from hypertune.layers import registry, row_view
 from hypertune.notices import WrapNotice
 
 

@@ -746,7 +746,6 @@ def _modulated_direction(
     r_ih, r_hh, r_b = resp
     s_ih, s_hh, s_b = scales
     assert r_ih is not None and r_hh is not None
-    g = w_ih.shape[0]
     # the input part of every step's pre-activations, for all steps at once (two matmuls, so no
     # gradient is computed for a frozen W_ih)
     xg = torch.addcmul(_dense(x, w_ih), s_ih, _dense(x, r_ih))

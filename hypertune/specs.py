@@ -13,6 +13,7 @@ from .errors import SpecError
 from .kinds.activation import ActivationRegularization, TemporalActivationRegularization
 from .kinds.base import HParam, Perturb, hparam_from_json, register_hparam_kind
 from .kinds.dropconnect import DropConnect
+from .kinds.drop_path import DropPathRate
 from .kinds.dropout import DropoutRate
 from .kinds.embedding_dropout import EmbeddingDropout
 from .kinds.input_dropout import InputDropout
@@ -23,6 +24,7 @@ from .sites import Target
 __all__ = [
     "HParam",
     "DropoutRate",
+    "DropPathRate",
     "InputDropout",
     "WeightDecay",
     "DropConnect",

@@ -8,10 +8,9 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..errors import SpecError
 from ..layers.base import carry_hooks
 from ..layers.drop_path import HyperDropPath
-from ..sites import Site, Target, as_targets, describe, selects
+from ..sites import Target, as_targets, describe, selects
 from .base import Claim, FixedForm, FixedFormError, HParam, Installation, WrapSites, register_hparam_kind
 from .dropout import RATE_INIT_SCALE, rate_bounds
 

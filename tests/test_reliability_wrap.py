@@ -347,3 +347,12 @@ def test_a_frozen_layer_named_in_targets_is_refused():
     with pytest.raises(ht.WrapError, match=r"'0' .*frozen \(requires_grad=False\).*unfreeze it"):
         HyperModel.wrap(net, {"wd": WeightDecay()}, targets=["0", "3"])
     assert type(net[0]) is nn.Linear
+
+
+def test_layers_frozen_after_wrapping_are_refused_by_the_optimizer():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = HyperModel.wrap(net, {"wd": WeightDecay()})
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ht.HyperTuneError, match=r"\['0'\] were frozen .*after wrapping.*Freeze before"):
+        ht.DeltaSTNOptimizer(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))

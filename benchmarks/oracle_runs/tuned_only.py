@@ -38,6 +38,7 @@ parser.add_argument("--hyper-lr", type=float, default=None, help="λ's RMSprop r
 parser.add_argument("--response-lr", type=float, default=None, help="Θ's Adam rate (library default 1e-3)")
 parser.add_argument("--init-scale", type=float, default=compare.DROPOUT_SCALE, help="σ0 of the dropout rates")
 parser.add_argument("--response-every", type=int, default=None)
+parser.add_argument("--response-fraction", type=float, default=None, help="Θ step on this leading share of each batch")
 parser.add_argument("--mode", choices=["delta", "centered", "stn"], default=None,
                     help="DeltaSTNOptimizer(mode=...) (library default delta)")
 parser.add_argument("--eval-every", type=int, default=50, help="score every this many steps")
@@ -46,7 +47,8 @@ torch.set_num_threads(1)
 data = load_image_classification(args.dataset, args.data_root, val_fraction=0.15, seed=0)
 data["train"] = tuple(t[: args.train_subset] for t in data["train"])
 options = {k: v for k, v in {"hyper_lr": args.hyper_lr, "response_lr": args.response_lr,
-                             "response_every": args.response_every, "mode": args.mode}.items() if v is not None}
+                             "response_every": args.response_every, "response_fraction": args.response_fraction,
+                             "mode": args.mode}.items() if v is not None}
 run_args = argparse.Namespace(lr=0.01, batch_size=128, warmup_steps=args.warmup_steps, epochs=args.epochs,
                               eval_every=args.eval_every, seed=args.seed)
 out = oracle_gap.tuned_run(args.dataset, args.start, data, run_args, init_scale=args.init_scale, options=options)

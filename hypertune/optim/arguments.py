@@ -130,6 +130,18 @@ def take_over_problems(
             f"never train: {missing[:8]}; build the optimizer from model.parameters() "
             "(or freeze them with requires_grad_(False))"
         )
+    theta = {id(p) for p in response}
+    frozen = []
+    for path, layer in hm.hyper_layers().items():
+        own = [p for p in layer.parameters() if id(p) not in theta and p.dim() >= 2]
+        if own and not any(p.requires_grad for p in own):
+            frozen.append(path)
+    if frozen:
+        problems.append(
+            f"hyper-layer(s) {frozen[:8]} were frozen (requires_grad=False) after wrapping: their "
+            "weights cannot follow a response, yet λ's gradient would count it. Freeze before "
+            "HyperModel.wrap (frozen modules then stay w₀), or wrap with exclude=[...] them"
+        )
     for name, opt, allowed, hint in (
         ("response_optimizer", response_optimizer, response, "model.response_parameters()"),
         ("hyper_optimizer", hyper_optimizer, hyper, "model.hyper_parameters()"),

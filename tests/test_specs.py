@@ -393,7 +393,7 @@ def test_dropout_kinds_default_to_the_rate_sigma0():
     from hypertune.kinds.dropout import RATE_INIT_SCALE
 
     rates = [DropoutRate(), InputDropout(), hypertune.DropConnect(), hypertune.EmbeddingDropout(),
-             hypertune.VariationalDropout()]
+             hypertune.VariationalDropout(), hypertune.DropPathRate()]
     assert RATE_INIT_SCALE == 2.0
     assert [spec.init_scale for spec in rates] == [RATE_INIT_SCALE] * len(rates)
     assert WeightDecay().init_scale == 1.0 and HParam(init=0.0).init_scale == 1.0

@@ -108,6 +108,19 @@ def test_response_lr_follows_user_scheduler(mode):
     assert opt.response_optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * 0.5)
 
 
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad,
+                                 torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax])
+def test_the_stn_clone_is_built_for_every_torch_optimizer(cls):
+    """``defaults`` can hold more than the constructor takes (AdamW's decoupled_weight_decay)."""
+    model = ht.HyperModel.wrap(_net(0), {"wd": ht.WeightDecay()})
+    base = cls(model.parameters(), lr=0.01, weight_decay=1e-2)
+    opt = ht.DeltaSTNOptimizer(model, base, mode="stn", warmup_steps=0)
+    clone = opt.response_optimizer
+    assert type(clone) is cls and clone.param_groups[0]["weight_decay"] == 0.0
+    assert clone.param_groups[0]["lr"] == 0.01
+    assert not opt.train_step(*_batch(0), F.cross_entropy).skipped
+
+
 def test_default_response_optimizer_is_adam_in_centered_modes_and_a_clone_in_stn():
     for mode in ("delta", "centered"):
         _, opt = _setup(mode)

@@ -3,6 +3,7 @@ user's optimizer (after every check has passed: see ``arguments.py``)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,6 +72,11 @@ def take_over(optimizer: torch.optim.Optimizer, special: list[nn.Parameter]) -> 
 
 def clone_for_response(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     settings = dict(optimizer.defaults)
+    # ``defaults`` can hold more than the constructor takes (torch's AdamW records
+    # ``decoupled_weight_decay``, which only Adam accepts): keep what the signature names.
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        settings = {k: v for k, v in settings.items() if k in accepted}
     settings["lr"] = optimizer.param_groups[0]["lr"]
     if "weight_decay" in settings:
         settings["weight_decay"] = 0.0

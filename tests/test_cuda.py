@@ -4,7 +4,8 @@ The CPU suite proves these on CPU. On CUDA other kernels run (cuDNN convolutions
 optimizer paths, the device RNG), so the same properties are asserted again there:
 forward-AD tangents against central differences, eval equal to the plain model, refused steps
 that change nothing (CUDA RNG state included), a GradScaler that skips overflowing fp16 steps
-without moving anything, and a checkpoint that round-trips between CUDA and CPU.
+without moving anything, a checkpoint that round-trips between CUDA and CPU, per-example stochastic
+depth on the CUDA RNG, and an encoder layer whose fused inference kernel stays off.
 
     python -m pytest tests/test_cuda.py      # on a machine with a GPU
 """
@@ -171,3 +172,25 @@ def test_checkpoint_round_trips_between_cuda_and_cpu(tmp_path):
 
     back = copy.deepcopy(cpu_model).to(CUDA)
     assert all(torch.equal(v.cpu(), cpu_model.state_dict()[k]) for k, v in back.state_dict().items())
+
+
+def test_stochastic_depth_and_the_encoder_fast_path_on_cuda():
+    """DropPathRate draws its per-example masks with the CUDA RNG, and a TransformerEncoderLayer
+    holding hyper-layers runs its ordinary path in eval (the fused kernel would skip them)."""
+    from test_drop_path import Residual
+    from test_layouts import EncoderOnly
+
+    torch.manual_seed(0)
+    model = ht.HyperModel.wrap(Residual(), {"depth": ht.DropPathRate(init=0.2)}).to(CUDA)
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), warmup_steps=0)
+    x, y = torch.randn(32, 4, device=CUDA), torch.randint(0, 3, (32,), device=CUDA)
+    before = model.hparam_values()["depth"]
+    for _ in range(3):
+        assert not opt.train_step(x, y, F.cross_entropy).skipped
+    assert opt.val_step(x, y, F.cross_entropy).updated and model.hparam_values()["depth"] != before
+
+    encoder = ht.HyperModel.wrap(EncoderOnly(), {"wd": ht.WeightDecay()}).to(CUDA)
+    opt = ht.DeltaSTNOptimizer(encoder, torch.optim.SGD(encoder.parameters(), lr=0.05), warmup_steps=0)
+    x, y = torch.randn(4, 5, 8, device=CUDA), torch.tensor([0, 1, 1, 0], device=CUDA)
+    opt.train_step(x, y, F.cross_entropy)
+    assert opt.val_step(x, y, F.cross_entropy).updated  # λ's gradient reached the encoder's layers

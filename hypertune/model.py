@@ -438,7 +438,8 @@ class HyperModel(nn.Module):
         """Modules with activation (gradient) checkpointing switched on, which training cannot take:
         the recomputation runs in backward, outside this model's forward, so dropout has no
         per-example rate there and Θ's tangents are gone."""
-        return [path or "<root>" for path, m, attr in self._checkpoint_switches if getattr(m, attr) is True]
+        switches = self.__dict__.get("_checkpoint_switches", ())  # (absent in a model pickled before it)
+        return [path or "<root>" for path, m, attr in switches if getattr(m, attr) is True]
 
     # ---- undoing -----------------------------------------------------------------------------
     def _bake_responses(self, lam: Tensor) -> None:

@@ -114,6 +114,18 @@ class WrapSites:
         self.module_owner[id(site.module)] = name
         return True
 
+    def claim_each(self, spec: HParam, name: str, chosen: list[Site], per_site: bool) -> Claim:
+        """Claim every module of ``chosen`` for spec ``name``: one tuned value for all, or one per
+        module (``"<name>:<path>"``) with ``per_site``; a module another spec owns is refused."""
+        claim = Claim({})
+        for site in chosen:
+            if not self.claim_module(site, name):
+                continue
+            value = f"{name}:{site.path}" if per_site else name
+            claim.values[value] = spec
+            claim.sites.setdefault(value, []).append(site)
+        return claim
+
     def claim_role(self, site: Site, role: str, name: str, what: str, fix: str) -> bool:
         """Give hyper-layer ``site``'s regularizer ``role`` to spec ``name``, unless another has it."""
         owner = self.role_owner.get((id(site.module), role))

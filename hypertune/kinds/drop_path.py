@@ -89,27 +89,23 @@ class DropPathRate(HParam):
                         f"hparams[{name!r}] selects {describe(site.path, site.module)}, which is not a "
                         "stochastic-depth module: narrow its targets"
                     )
-        claim = Claim({})
         if not chosen:
             sites.problems.append(
                 f"hparams[{name!r}] (DropPathRate) matches no stochastic-depth module (timm DropPath, "
                 "torchvision StochasticDepth, Hugging Face *DropPath): models build them only for a "
                 "rate above 0, so create the model with e.g. drop_path_rate=0.05, or fix targets"
             )
-            return claim
+            return Claim({})
+        per_example = []
         for site in chosen:
-            if getattr(site.module, "mode", "row") != "row":
+            if getattr(site.module, "mode", "row") == "row":
+                per_example.append(site)
+            else:
                 sites.problems.append(
                     f"{describe(site.path, site.module)} uses mode={site.module.mode!r}, one draw for the "
                     "whole batch; a rate per example needs mode='row'"
                 )
-                continue
-            if not sites.claim_module(site, name):
-                continue
-            value = f"{name}:{site.path}" if self.per_site else name
-            claim.values[value] = self
-            claim.sites.setdefault(value, []).append(site)
-        return claim
+        return sites.claim_each(self, name, per_example, self.per_site)
 
     def install(self, name: str, claim: Claim, into: Installation) -> None:
         for value, found in claim.sites.items():

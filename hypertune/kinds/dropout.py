@@ -110,21 +110,14 @@ class DropoutRate(HParam):
                         f"hparams[{name!r}] selects {describe(site.path, site.module)}, which is not a "
                         "dropout module: narrow its targets"
                     )
-        claim = Claim({})
         if not chosen:
             where = [s.path for s in dropout_sites]
             sites.problems.append(
                 f"hparams[{name!r}] (DropoutRate) matches no dropout module; the model's dropout "
                 f"modules are {where or 'none'}: add nn.Dropout modules or fix targets"
             )
-            return claim
-        for site in chosen:
-            if not sites.claim_module(site, name):
-                continue
-            value = f"{name}:{site.path}" if self.per_site else name
-            claim.values[value] = self
-            claim.sites.setdefault(value, []).append(site)
-        return claim
+            return Claim({})
+        return sites.claim_each(self, name, chosen, self.per_site)
 
     def install(self, name: str, claim: Claim, into: Installation) -> None:
         for value, found in claim.sites.items():

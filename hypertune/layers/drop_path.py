@@ -12,8 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import context
-from ..errors import PerturbationError
 from ..linearize import scale_tangent_too
 from ..rows import BatchPerturbationNeeded
 from .base import carry_hooks
@@ -49,13 +47,7 @@ class HyperDropPath(HyperDropout):
         self.__dict__["original"] = original
 
     def drop_per_example(self, x: Tensor, sequence_first: bool = True) -> Tensor:
-        p = context.current()
-        if p is None:
-            raise PerturbationError(
-                f"HyperDropPath '{self.hyper_path}' ran outside a HyperModel forward, so it has no rate; "
-                + context.outside_forward_fix()
-            )
-        self.__dict__["used_in"] = p
+        p = self._pass_using_the_rate()
         return drop_path_per_example(x, p.value(self.hparam), f"HyperDropPath '{self.hyper_path}'", self.scale_by_keep)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -160,13 +160,7 @@ class HyperDropout(nn.Module):
 
     def drop_per_example(self, x: Tensor, sequence_first: bool = True) -> Tensor:
         """Dropout of ``x`` at this pass's per-example rates (the rows map onto x's layout)."""
-        p = context.current()
-        if p is None:
-            raise PerturbationError(
-                f"HyperDropout '{self.hyper_path}' ran outside a HyperModel forward, so it has no rate; "
-                + context.outside_forward_fix()
-            )
-        self.__dict__["used_in"] = p
+        p = self._pass_using_the_rate()
         return dropout_per_example(
             x,
             p.value(self.hparam),
@@ -175,6 +169,17 @@ class HyperDropout(nn.Module):
             self.locked_dim,
             sequence_first,
         )
+
+    def _pass_using_the_rate(self) -> context.Perturbation:
+        """The active pass, marked as using this site's rate; refused outside a HyperModel forward."""
+        p = context.current()
+        if p is None:
+            raise PerturbationError(
+                f"{type(self).__name__} '{self.hyper_path}' ran outside a HyperModel forward, so it has "
+                "no rate; " + context.outside_forward_fix()
+            )
+        self.__dict__["used_in"] = p
+        return p
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:

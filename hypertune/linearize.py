@@ -42,6 +42,9 @@ class _LinearizableOps(TorchFunctionMode):
     inplace operation"; wav2vec2 marks its input as requiring grad): it runs as
     :func:`~hypertune.attention.math_attention`, the same formula without in-place ops. Softmax
     itself has the same flaw, so a softmax whose primal needs a gradient is built from exp and sum.
+    The grouped matrix multiply of mixture-of-experts layers (``F.grouped_mm``, Mixtral's and
+    Qwen-MoE's experts in transformers) has no forward-AD formula at all: with a tangent it runs
+    as one matmul per group.
     """
 
     def __init__(self, hardsigmoid: bool) -> None:
@@ -56,6 +59,10 @@ class _LinearizableOps(TorchFunctionMode):
             return _softmax_call(func, *args, **kwargs)
         if self.hardsigmoid and func is F.hardsigmoid:
             return F.relu6(args[0] + 3.0) / 6.0
+        if func in _GROUPED_MM:
+            out = _grouped_mm_in_dual(*args, **kwargs)
+            if out is not None:
+                return out
         slots = _NORMS.get(func)
         if slots is not None:
             return _norm_call(func, slots, args, kwargs)
@@ -120,6 +127,40 @@ def _broadcasts_into(shape: torch.Size, target: torch.Size) -> bool:
     if len(shape) > len(target):
         return False
     return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+_GROUPED_MM = {f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f is not None}
+
+
+def _grouped_mm_in_dual(
+    mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
+    """The grouped matmul of a MoE layer as one matmul per group, which forward AD can carry:
+    ``mat_a`` (M, K) split into row groups at ``offs`` (G cumulative ends), group g times
+    ``mat_b[g]`` (K, N); or (G, M, K) @ (G, K, N) without ``offs``. Rows past the last offset
+    are zero. ``None`` (the op itself) when no operand has a tangent or for other layouts."""
+    operands = [t for t in (mat_a, mat_b, bias) if torch.is_tensor(t)]
+    if not any(fwAD.unpack_dual(t).tangent is not None for t in operands):
+        return None
+    if not (torch.is_tensor(mat_a) and torch.is_tensor(mat_b) and mat_b.dim() == 3):
+        return None
+    if mat_a.dim() == 3 and offs is None:
+        out = torch.bmm(mat_a, mat_b)
+        if bias is not None:
+            out = out + bias.unsqueeze(1)
+    elif mat_a.dim() == 2 and torch.is_tensor(offs) and offs.dim() == 1 and offs.numel() == mat_b.shape[0]:
+        ends = offs.tolist()  # a host read: the groups' sizes decide the slices
+        pieces, start = [], 0
+        for g, end in enumerate(ends):
+            piece = mat_a[start:end] @ mat_b[g]
+            pieces.append(piece if bias is None else piece + bias[g])
+            start = end
+        if start < mat_a.shape[0]:
+            pieces.append(mat_a.new_zeros(mat_a.shape[0] - start, mat_b.shape[2]))
+        out = torch.cat(pieces, dim=0)
+    else:
+        return None
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 # Where each norm takes its affine weight and bias (positional index, keyword).

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -273,3 +275,61 @@ def test_in_place_op_after_a_rewritten_add_leaves_the_input_dual_alone():
         y.relu_()
         assert torch.equal(fwAD.unpack_dual(x).tangent, x_t)
         assert torch.equal(fwAD.unpack_dual(y).tangent, x_t * (x_p + bias > 0))
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="torch without F.grouped_mm")
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(0, 4), min_size=1, max_size=4),  # rows per group (0: an expert no token chose)
+    st.integers(0, 2),  # rows past the last offset
+    st.sampled_from([4, 8]),  # the op's kernel wants 16-byte strides
+    st.sampled_from([4, 12]),
+    st.sampled_from(["input", "weight", "both"]),
+    st.integers(0, 2**16),
+)
+def test_grouped_mm_runs_per_group_with_the_exact_tangent(sizes, tail, k, n, dual, seed):
+    """MoE layers' grouped matmul has no forward-AD formula; in the linearized pass it runs as one
+    matmul per group. Its primal is the op's, and since the op is bilinear its tangent is exactly
+    grouped_mm(ȧ, B) + grouped_mm(A, Ḃ), and the tangent's gradient reaches the input's tangent."""
+    from hypertune.linearize import _LinearizableOps
+
+    grouped_mm = torch.nn.functional.grouped_mm
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(sizes) + tail
+    offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    a, a_t = torch.randn(rows, k, generator=g), torch.randn(rows, k, generator=g).requires_grad_(True)
+    b, b_t = torch.randn(len(sizes), k, n, generator=g), torch.randn(len(sizes), k, n, generator=g)
+    a_t_used = a_t if dual in ("input", "both") else None
+    b_t_used = b_t if dual in ("weight", "both") else None
+    with fwAD.dual_level(), _LinearizableOps(hardsigmoid=False):
+        a_in = a if a_t_used is None else fwAD.make_dual(a, a_t_used)
+        b_in = b if b_t_used is None else fwAD.make_dual(b, b_t_used)
+        primal, tangent = fwAD.unpack_dual(grouped_mm(a_in, b_in, offs=offs))
+    used = slice(0, sum(sizes))
+    want = grouped_mm(a, b, offs=offs)
+    torch.testing.assert_close(primal[used], want[used], rtol=1e-5, atol=1e-5)
+    assert torch.equal(primal[sum(sizes):], torch.zeros(tail, n))
+    want_t = torch.zeros(rows, n)
+    if a_t_used is not None:
+        want_t = want_t + grouped_mm(a_t.detach(), b, offs=offs)
+    if b_t_used is not None:
+        want_t = want_t + grouped_mm(a, b_t, offs=offs)
+    torch.testing.assert_close(tangent[used], want_t[used], rtol=1e-5, atol=1e-5)
+    if a_t_used is not None and sum(sizes):
+        (grad,) = torch.autograd.grad(tangent[used].sum(), a_t)
+        torch.testing.assert_close(grad[used], grouped_mm(torch.ones(sum(sizes), n), b.transpose(1, 2), offs=offs), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_mm_of_three_d_operands_and_bias():
+    from hypertune.linearize import _grouped_mm_in_dual
+
+    g = torch.Generator().manual_seed(0)
+    a, a_t = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    b, bias = torch.randn(3, 5, 2, generator=g), torch.randn(3, 2, generator=g)
+    with fwAD.dual_level():
+        out = _grouped_mm_in_dual(fwAD.make_dual(a, a_t), b, bias=bias, out_dtype=torch.float64)
+        primal, tangent = fwAD.unpack_dual(out)
+    assert primal.dtype == torch.float64
+    torch.testing.assert_close(primal, (torch.bmm(a, b) + bias.unsqueeze(1)).double())
+    torch.testing.assert_close(tangent, torch.bmm(a_t, b).double())
+    assert _grouped_mm_in_dual(a, b) is None  # no tangent: the op itself runs

@@ -46,12 +46,25 @@ def uses_weights_functionally(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) or type(module).__name__ in FUNCTIONAL_WEIGHT_USERS
 
 
+# State-space and linear-attention mixers (Mamba, Mamba-2, Jamba, Bamba, Zamba, Falcon-Mamba,
+# Nemotron-H in transformers; mamba_ssm's Mamba; Qwen3-Next's gated DeltaNet) pass their causal
+# conv's weight to a scan kernel or its reference code; the Mamba ones also x_proj, dt_proj and
+# out_proj (fused kernels), and on CPU dt_proj through ``self.dt_proj.weight @ ...``.
+_MIXER_FUNCTIONAL = ("conv1d", "x_proj", "dt_proj", "out_proj")
+
+
 def children_used_functionally(module: nn.Module) -> tuple[str, ...]:
     """The children whose weights ``module`` reads without calling them (its other children are
     called as usual)."""
     cls = type(module)
     if (cls.__module__, cls.__name__) in _QKV_BIAS_ATTENTION and getattr(module, "q_bias", None) is not None:
         return () if getattr(module, "qkv_bias_separate", False) else ("qkv",)
+    if isinstance(getattr(module, "conv1d", None), nn.Conv1d):
+        name = cls.__name__
+        if name.endswith("Mixer") or "Mamba" in name:
+            return tuple(c for c in _MIXER_FUNCTIONAL if isinstance(getattr(module, c, None), nn.Module))
+        if name.endswith("DeltaNet"):
+            return ("conv1d",)
     return ()
 
 

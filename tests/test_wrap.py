@@ -27,6 +27,7 @@ from hypertune import (
     WrapError,
 )
 from hypertune.layers import HyperDropout, HyperLayer
+from hypertune.notices import WrapNotice
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -1003,3 +1004,42 @@ def test_all_errors_share_the_base_class():
     assert issubclass(WrapError, HyperTuneError)
     assert issubclass(hypertune.SpecError, HyperTuneError)
     assert issubclass(hypertune.PerturbationError, HyperTuneError)
+
+
+class _ScanMixer(nn.Module):
+    """The layout of a Mamba mixer (transformers, mamba_ssm): in_proj is called, conv1d / x_proj /
+    dt_proj / out_proj are handed to a scan kernel by weight, here a plain-torch stand-in."""
+
+    def __init__(self, d: int = 8, inner: int = 16, rank: int = 4) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(d, inner)
+        self.conv1d = nn.Conv1d(inner, inner, 3, groups=inner, padding=2)
+        self.x_proj = nn.Linear(inner, rank, bias=False)
+        self.dt_proj = nn.Linear(rank, inner)
+        self.out_proj = nn.Linear(inner, d)
+
+    def forward(self, x):
+        h = self.in_proj(x).transpose(1, 2)
+        h = F.conv1d(h, self.conv1d.weight, self.conv1d.bias, padding=2, groups=h.shape[1])[..., : x.shape[1]]
+        h = h.transpose(1, 2)
+        dt = F.softplus(F.linear(F.linear(h, self.x_proj.weight), self.dt_proj.weight, self.dt_proj.bias))
+        return F.linear(h * torch.sigmoid(dt), self.out_proj.weight, self.out_proj.bias)
+
+
+@pytest.mark.parametrize("name", ["MyMambaMixer", "SSMMixer"])
+def test_state_space_mixers_keep_the_weights_their_kernel_reads_as_w0(name):
+    mixer_cls = type(name, (_ScanMixer,), {})
+    torch.manual_seed(0)
+    net = nn.Sequential(mixer_cls(), nn.Linear(8, 3))
+    x = torch.randn(4, 5, 8)
+    with pytest.warns(WrapNotice, match="used functionally by '0'"):
+        model = HyperModel.wrap(net, {"wd": WeightDecay(init=1e-3)})
+    tuned = set(model.hyper_layers())
+    assert tuned == {"0.in_proj", "1"}
+    untuned = model.coverage().untuned
+    assert all("used functionally by '0'" in untuned[f"0.{c}"] for c in ("conv1d", "x_proj", "dt_proj", "out_proj"))
+    opt = DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    target = torch.randint(0, 3, (4,))
+    loss_fn = lambda out, y: F.cross_entropy(out.mean(1), y)  # noqa: E731
+    assert math.isfinite(opt.train_step(x, target, loss_fn).loss)
+    assert opt.val_step(x, target, loss_fn).updated

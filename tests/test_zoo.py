@@ -108,6 +108,44 @@ def hf(name: str) -> tuple[nn.Module, Batch]:
             word_embed_proj_dim=32, max_position_embeddings=64,
         )
         return transformers.OPTForCausalLM(config), token_batch("lm")
+    if name == "mixtral":  # mixture of experts: the experts' grouped matmul has no forward-AD formula
+        config = transformers.MixtralConfig(
+            vocab_size=100, num_key_value_heads=1, max_position_embeddings=64, num_local_experts=4,
+            num_experts_per_tok=2, **tiny,
+        )
+        return transformers.MixtralForCausalLM(config), token_batch("lm")
+    if name == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(
+            vocab_size=100, num_key_value_heads=1, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, shared_expert_intermediate_size=32, **tiny,
+        )
+        return transformers.Qwen2MoeForCausalLM(config), token_batch("lm")
+    if name == "mamba":  # a state-space mixer reads conv1d / x_proj / dt_proj / out_proj weights itself
+        config = transformers.MambaConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, state_size=4, expand=2, conv_kernel=4
+        )
+        return transformers.MambaForCausalLM(config), token_batch("lm")
+    if name == "mamba2":
+        config = transformers.Mamba2Config(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, num_heads=4,
+            head_dim=16, n_groups=1, chunk_size=8,
+        )
+        return transformers.Mamba2ForCausalLM(config), token_batch("lm")
+    if name == "jamba":  # attention, Mamba and experts in one stack
+        config = transformers.JambaConfig(
+            vocab_size=100, num_key_value_heads=1, num_experts=2, num_experts_per_tok=1, attn_layer_period=2,
+            attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_d_conv=4,
+            mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False, **tiny,
+        )
+        return transformers.JambaForCausalLM(config), token_batch("lm")
+    if name == "qwen3_next":  # gated DeltaNet (its conv1d read by the kernel) and experts
+        config = transformers.Qwen3NextConfig(
+            vocab_size=100, num_key_value_heads=1, head_dim=16, linear_num_value_heads=2, linear_num_key_heads=2,
+            linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, shared_expert_intermediate_size=32,
+            layer_types=["linear_attention", "full_attention"], **tiny,
+        )
+        return transformers.Qwen3NextForCausalLM(config), token_batch("lm")
     if name == "deberta_v2":
         config = transformers.DebertaV2Config(vocab_size=100, num_labels=3, max_position_embeddings=64, **tiny)
         return transformers.DebertaV2ForSequenceClassification(config), token_batch("classify")
@@ -279,8 +317,11 @@ def check_zoo_model(
             _same(_call(unwrapped, inputs), wrapped_out, exact=mode != "stn")
 
 
-FAST_HF = ["bert", "gpt2", "llama", "t5", "vit", "bart"]
-SLOW_HF = ["roberta", "distilbert", "whisper", "wav2vec2", "gemma", "mistral", "opt", "deberta_v2"]
+FAST_HF = ["bert", "gpt2", "llama", "t5", "vit", "bart", "mixtral", "mamba"]
+SLOW_HF = [
+    "roberta", "distilbert", "whisper", "wav2vec2", "gemma", "mistral", "opt", "deberta_v2", "qwen2_moe", "mamba2",
+    "jamba", "qwen3_next",
+]
 FAST_TIMM = ["vit", "deit", "convnext", "efficientnet", "swin", "beit"]
 SLOW_TIMM = ["xcit", "resnet", "nfnet", "convnext_atto", "efficientnet_b0", "eva"]
 FAST_TORCHVISION = ["resnet18"]

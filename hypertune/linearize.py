@@ -42,6 +42,11 @@ class _LinearizableOps(TorchFunctionMode):
     inplace operation"; wav2vec2 marks its input as requiring grad): it runs as
     :func:`~hypertune.attention.math_attention`, the same formula without in-place ops. Softmax
     itself has the same flaw, so a softmax whose primal needs a gradient is built from exp and sum.
+    A loss computed inside the forward (a Hugging Face model given ``labels``) is the end of the
+    linearization: Δ-STN's objective is the loss *of* the linearized output, L(f + JΘε), while
+    forward AD would return the loss's own first-order expansion, L(f) + ∇L·JΘε, which is linear
+    in Θ and has none of the curvature Θ learns from. So ``F.cross_entropy`` and the other
+    ``torch.nn.functional`` losses run on primal + tangent, as a plain tensor.
     The grouped matrix multiply of mixture-of-experts layers (``F.grouped_mm``, Mixtral's and
     Qwen-MoE's experts in transformers) has no forward-AD formula at all: with a tangent it runs
     as one matmul per group.
@@ -59,6 +64,8 @@ class _LinearizableOps(TorchFunctionMode):
             return _softmax_call(func, *args, **kwargs)
         if self.hardsigmoid and func is F.hardsigmoid:
             return F.relu6(args[0] + 3.0) / 6.0
+        if func in _LOSSES:
+            return _loss_at_linearized_output(func, args, kwargs)
         if func in _GROUPED_MM:
             out = _grouped_mm_in_dual(*args, **kwargs)
             if out is not None:
@@ -127,6 +134,26 @@ def _broadcasts_into(shape: torch.Size, target: torch.Size) -> bool:
     if len(shape) > len(target):
         return False
     return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+_LOSSES = {
+    getattr(F, name)
+    for name in (
+        "cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
+        "binary_cross_entropy_with_logits", "kl_div", "poisson_nll_loss", "gaussian_nll_loss", "ctc_loss",
+        "cosine_embedding_loss", "margin_ranking_loss", "hinge_embedding_loss", "multilabel_margin_loss",
+        "soft_margin_loss", "multilabel_soft_margin_loss", "multi_margin_loss", "triplet_margin_loss",
+        "triplet_margin_with_distance_loss",
+    )
+    if hasattr(F, name)
+}
+
+
+def _loss_at_linearized_output(func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """``func`` of every dual argument's primal + tangent: the loss at the linearized output,
+    which autograd then differentiates in Θ through the tangent."""
+    args, kwargs = pytree.tree_map(_linearized, (args, kwargs))
+    return func(*args, **kwargs)
 
 
 _GROUPED_MM = {f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f is not None}

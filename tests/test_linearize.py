@@ -7,6 +7,7 @@ import contextlib
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -333,3 +334,57 @@ def test_grouped_mm_of_three_d_operands_and_bias():
     torch.testing.assert_close(primal, (torch.bmm(a, b) + bias.unsqueeze(1)).double())
     torch.testing.assert_close(tangent, torch.bmm(a_t, b).double())
     assert _grouped_mm_in_dual(a, b) is None  # no tangent: the op itself runs
+
+
+class _LossInside(nn.Module):
+    """A model that computes its own loss when given labels, as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        loss = None if labels is None else nn.CrossEntropyLoss()(logits, labels)
+        return {"logits": logits, "loss": loss}
+
+
+def _theta_grads(inside: bool, seed: int = 0) -> tuple[torch.Tensor, float]:
+    torch.manual_seed(seed)
+    model = ht.HyperModel.wrap(_LossInside(), {"wd": ht.WeightDecay(init=1e-2, init_scale=1.0)})
+    with torch.no_grad():  # a Θ well away from 0, so the curvature term matters
+        for p in model.response_parameters():
+            p.normal_(0, 0.5)
+    grads: list[torch.Tensor] = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            grads.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
+            return super().step(closure)
+
+    opt = ht.DeltaSTNOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), response_optimizer=Recording(model.response_parameters(), lr=0.0)
+    )
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
+    torch.manual_seed(2)
+    if inside:
+        r = opt.train_step({"x": x, "labels": y}, y, lambda out, _: out["loss"])
+    else:
+        r = opt.train_step({"x": x}, y, lambda out, t: F.cross_entropy(out["logits"], t))
+    return grads[0], r.response_loss
+
+
+def test_a_loss_computed_inside_the_forward_is_the_loss_of_the_linearized_output(monkeypatch):
+    """Δ-STN's Θ objective is L(f + JΘε). A loss the model computes itself runs under forward AD;
+    it must be that same loss, not forward AD's first-order expansion L(f) + ∇L·JΘε."""
+    inside, inside_loss = _theta_grads(inside=True)
+    outside, outside_loss = _theta_grads(inside=False)
+    assert inside_loss == outside_loss
+    assert torch.equal(inside, outside)
+    # The expansion is what forward AD alone gives: a different gradient (this test can fail).
+    import hypertune.linearize as linearize
+
+    monkeypatch.setattr(linearize, "_LOSSES", set())
+    expanded, _ = _theta_grads(inside=True)
+    assert not torch.allclose(expanded, outside, rtol=1e-3, atol=1e-6)

@@ -86,6 +86,9 @@ SETTINGS = {
     "perturb": "batch",
     "init": {"weight_decay": 1e-2, "input_dropout": 0.1},  # λ at step 0
     "dtype": "float64",
+    # Θ's ε drawn independently (the library's default); --antithetic draws ε, −ε on consecutive
+    # Θ steps (RESULTS.md, "Antithetic perturbations").
+    "antithetic": False,
 }
 
 # Search space of the exact solver, in the tuning coordinate.
@@ -377,6 +380,7 @@ def run_method(
         warmup_steps=settings["warmup_steps"],
         response_every=settings["response_every"],
         tune_scales=settings["tune_scales"],
+        antithetic=settings["antithetic"],
     )
     steps, warmup = settings["steps"], settings["warmup_steps"]
     horizon = max(1, steps - warmup)
@@ -530,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-val", type=int, help=f"override train steps per λ step ({SETTINGS['train_per_val']})")
     parser.add_argument("--tune-scales", action="store_true", help="tune σ (entropy bonus) instead of holding it")
     parser.add_argument("--init-scale", type=float, help=f"override σ0 ({SETTINGS['init_scale']})")
+    parser.add_argument("--antithetic", action="store_true", help="DeltaSTNOptimizer(antithetic=True): ε, −ε on consecutive Θ steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = dict(SETTINGS)
@@ -543,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     settings["tune_scales"] = settings["tune_scales"] or args.tune_scales
     if args.init_scale is not None:
         settings["init_scale"] = args.init_scale
+    settings["antithetic"] = settings["antithetic"] or args.antithetic
 
     if args.figure:
         rows = make_figure(args.data_dir, args.hparam, args.seed, args.figure, settings)

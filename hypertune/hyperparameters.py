@@ -177,14 +177,17 @@ class HyperParameters(nn.Module):
             cached = self._last_read = (key, vals, scales)
         return dict(zip(self.names, cached[1])), dict(zip(self.names, cached[2]))
 
+    def noise_rows(self, rows: int) -> int:
+        """How many rows :meth:`sample_noise` returns for a batch of ``rows``."""
+        return 1 if self._batch_columns.numel() == len(self) else rows
+
     def sample_noise(self, rows: int) -> Tensor:
         """ε of shape (rows, h): one draw per example, shared down the batch for per-batch specs.
 
         When every spec is per-batch a single row is returned, which broadcasts over any batch
         layout (models that reshape their batch need exactly that).
         """
-        if self._batch_columns.numel() == len(self):
-            rows = 1
+        rows = self.noise_rows(rows)
         z = torch.randn(rows, len(self), dtype=self.unconstrained.dtype, device=self.unconstrained.device)
         if self._batch_columns.numel():
             z[:, self._batch_columns] = z[:1, self._batch_columns]

@@ -41,6 +41,7 @@ parser.add_argument("--response-every", type=int, default=None)
 parser.add_argument("--response-fraction", type=float, default=None, help="Θ step on this leading share of each batch")
 parser.add_argument("--mode", choices=["delta", "centered", "stn"], default=None,
                     help="DeltaSTNOptimizer(mode=...) (library default delta)")
+parser.add_argument("--antithetic", action="store_true", help="DeltaSTNOptimizer(antithetic=True)")
 parser.add_argument("--eval-every", type=int, default=50, help="score every this many steps")
 args = parser.parse_args()
 torch.set_num_threads(1)
@@ -48,7 +49,7 @@ data = load_image_classification(args.dataset, args.data_root, val_fraction=0.15
 data["train"] = tuple(t[: args.train_subset] for t in data["train"])
 options = {k: v for k, v in {"hyper_lr": args.hyper_lr, "response_lr": args.response_lr,
                              "response_every": args.response_every, "response_fraction": args.response_fraction,
-                             "mode": args.mode}.items() if v is not None}
+                             "mode": args.mode, "antithetic": args.antithetic or None}.items() if v is not None}
 run_args = argparse.Namespace(lr=0.01, batch_size=128, warmup_steps=args.warmup_steps, epochs=args.epochs,
                               eval_every=args.eval_every, seed=args.seed)
 out = oracle_gap.tuned_run(args.dataset, args.start, data, run_args, init_scale=args.init_scale, options=options)

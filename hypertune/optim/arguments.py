@@ -34,6 +34,7 @@ def argument_problems(
     nonfinite: Any,
     response_every: Any,
     response_fraction: Any,
+    antithetic: Any,
     autocast: Any,
     grad_scaler: Any,
 ) -> list[str]:
@@ -56,6 +57,8 @@ def argument_problems(
         problems.append(f"response_every={response_every!r} must be an int >= 1")
     if not (isinstance(response_fraction, (int, float)) and 0 < response_fraction <= 1):
         problems.append(f"response_fraction={response_fraction!r} must lie in (0, 1]")
+    if not isinstance(antithetic, bool):
+        problems.append(f"antithetic={antithetic!r} must be True or False")
     built = isinstance(response_optimizer, str) and response_optimizer in ("adam", "clone")
     if not (built or response_optimizer is None or isinstance(response_optimizer, torch.optim.Optimizer)):
         problems.append(

@@ -8,7 +8,8 @@ validation loss minus τ·entropy with regularizers off. Modes (Bae & Grosse 202
 
 This class holds the state (inner optimizers, counters, History) and runs each step as one
 transaction; the modes' step functions are in :mod:`.steps`, the transaction in
-:mod:`.transaction`, argument checks in :mod:`.arguments`, the saved layout in :mod:`.state`.
+:mod:`.transaction`, argument checks in :mod:`.arguments`, the saved layout in :mod:`.state`,
+the Θ steps' perturbations in :mod:`.noise`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..notices import listing
 from . import state as saved_state
 from .arguments import BYPASSING_DDP, Mode, NonFinite, argument_problems, placement, take_over_problems
 from .inner import DEFAULT_RESPONSE_LR, hyper_optimizer_for, reference_lr, response_optimizer_for, take_over
+from .noise import ResponseNoise
 from .steps import TRAIN_STEPS, Batch, LossFn, StepContext, hyper_part, mode as model_mode
 from .transaction import UNCHANGED, BufferTracker, StepTransaction, refusal
 
@@ -95,6 +97,10 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         response_fraction: take the Θ step on this leading fraction of each batch. Both trade
             Θ's sample count for speed (benchmarks/overhead.py measures the cost; the paper's
             setting is 1 and 1.0).
+        antithetic: draw the Θ steps' perturbations in pairs, ε then −ε on the next Θ step. It
+            cancels, between the two, the zero-mean term ε·∇L_train(w₀) that dominates Θ's
+            gradient while w₀ converges; each draw is still N(0, σ²), so Θ's objective is the
+            same (:mod:`hypertune.optim.noise`). Off by default (benchmarks/RESULTS.md).
         nonfinite: ``"raise"`` a NonFiniteLossError or ``"skip"`` (and count) a step whose loss
             or gradients are not finite; either way nothing is written.
         autocast: a reduced dtype (``torch.bfloat16``, or ``torch.float16`` with a
@@ -136,6 +142,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         nonfinite: NonFinite = "raise",
         response_every: int = DEFAULT_RESPONSE_EVERY,
         response_fraction: float = 1.0,
+        antithetic: bool = False,
         autocast: torch.dtype | None = None,
         grad_scaler: Any = None,
     ) -> None:
@@ -145,7 +152,8 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             optimizer=optimizer, mode=mode, response_optimizer=response_optimizer, response_lr=response_lr,
             hyper_optimizer=hyper_optimizer, hyper_lr=hyper_lr, entropy_weight=entropy_weight,
             tune_scales=tune_scales, warmup_steps=warmup_steps, nonfinite=nonfinite,
-            response_every=response_every, response_fraction=response_fraction, autocast=autocast,
+            response_every=response_every, response_fraction=response_fraction, antithetic=antithetic,
+            autocast=autocast,
             grad_scaler=grad_scaler,
         )
         hm = _resolve(model)
@@ -172,6 +180,8 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         self.nonfinite: NonFinite = nonfinite
         self.response_every = response_every
         self.response_fraction = float(response_fraction)
+        self.antithetic = antithetic
+        self._noise = ResponseNoise(antithetic)
         self.autocast = autocast
         self.grad_scaler = grad_scaler
         self._ddp = where.ddp
@@ -181,7 +191,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             model=model, local_model=where.local_model, hyper_model=hm, base_params=base,
             response_params=response, hyper_params=hyper, optimizer=optimizer,
             response_optimizer=response_optimizer, hyper_optimizer=hyper_optimizer,
-            autocast=autocast, rewrite_ops=mode == "delta" and needs_op_rewrites(hm),
+            autocast=autocast, rewrite_ops=mode == "delta" and needs_op_rewrites(hm), noise=self._noise,
         )
         self._lr_reference = (reference_lr(optimizer.param_groups[0]), [float(g["lr"]) for g in response_optimizer.param_groups])
         self._buffers = BufferTracker(hm)
@@ -270,6 +280,9 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if "_noise" not in state:  # pickled before antithetic draws existed
+            self.antithetic = False
+            self._noise = self._ctx.noise = ResponseNoise(False)
 
     # ---- steps -------------------------------------------------------------------------------
     def train_step(self, inputs: Any, target: Any, loss_fn: LossFn) -> StepResult:
@@ -288,6 +301,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             self._follow_lr()
             self.zero_grad()
             tx = self._transaction("train")
+            self._noise.discard()  # a draw left by a step that raised is not this step's
             with _Rollback(tx, "train_step"):
                 loss, response_loss = TRAIN_STEPS[self.mode](
                     self._ctx, tx, batch, loss_fn, census=self.train_steps == 0, response=response
@@ -295,6 +309,9 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
                 taken, losses = self._finish(tx, "train_step", loss, response_loss)
             if taken:
                 self.train_steps += 1
+                self._noise.commit()
+            else:
+                self._noise.discard()
             # LR schedulers attached to this object warn unless they see its step was called.
             self._opt_called = True
             return self._record("train", losses, taken)
@@ -429,6 +446,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
                 },
                 "lr_reference": [self._lr_reference[0], list(self._lr_reference[1])],
                 "history": self.history.state_dict(),
+                "noise": self._noise.state_dict(),
             }
 
     def state_dict_problems(self, state: Any) -> list[str]:
@@ -478,6 +496,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             base0, resp0 = state["lr_reference"]
             self._lr_reference = (float(base0), [float(v) for v in resp0])
             self.history = history
+            self._noise.load_state_dict(state.get("noise", {}), hp)
 
     # ---- conveniences ------------------------------------------------------------------------
     def hparams(self) -> dict[str, float]:

@@ -160,6 +160,15 @@ def state_problems(state: Any, *, mode: str, names: Sequence[str], hyper: Mappin
         )
         if not ok:
             problems.append(f"lr_reference={ref!r} must be [w₀ lr, [Θ lr per group ({response_groups})]]")
+    noise = state.get("noise", {})
+    pending = noise.get("pending") if isinstance(noise, Mapping) else None
+    if not isinstance(noise, Mapping):
+        problems.append("noise is not a mapping")
+    elif pending is not None and not (
+        torch.is_tensor(pending) and pending.dim() == 2 and pending.shape[1] == len(names)
+        and pending.is_floating_point() and bool(torch.isfinite(pending).all())
+    ):
+        problems.append(f"noise.pending must be None or a finite (rows, {len(names)}) tensor")
     history = state.get("history", {"records": []})
     records = history.get("records") if isinstance(history, Mapping) else None
     known = {f.name for f in fields(Record)}

@@ -25,6 +25,7 @@ from ..context import Perturbation
 from ..errors import HyperTuneError
 from ..linearize import linearized_call
 from ..model import HyperModel
+from .noise import ResponseNoise
 from .transaction import StepTransaction, autocast_disabled
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -180,6 +181,7 @@ class StepContext:
     hyper_optimizer: torch.optim.Optimizer
     autocast: torch.dtype | None
     rewrite_ops: bool
+    noise: ResponseNoise  # the Θ steps' ε (independent or antithetic pairs)
 
     def autocast_region(self) -> Any:
         if self.autocast is None:
@@ -211,10 +213,10 @@ def _require_graph(data_loss: Tensor, params: Sequence[nn.Parameter]) -> None:
         )
 
 
-def perturbed_point(hm: HyperModel, rows: int, linearize: bool) -> Perturbation:
+def perturbed_point(hm: HyperModel, noise: ResponseNoise, rows: int, linearize: bool) -> Perturbation:
     hp = hm.hparams
     with torch.no_grad():
-        eps = hp.sample_noise(rows)
+        eps = noise.draw(hp, rows)
         lam = hp.unconstrained.detach().unsqueeze(0)
     response_input = eps if hm.centered else lam + eps
     return Perturbation(hp, lam + eps, response_input, linearize=linearize)
@@ -249,7 +251,7 @@ def _checked_forward(
 def response_part(ctx: StepContext, tx: StepTransaction, batch: Batch, loss_fn: LossFn, linearize: bool) -> Tensor:
     """Θ on the perturbed loss with w₀ fixed; linearized in the weights in ``delta`` mode."""
     hm = ctx.hyper_model
-    point = perturbed_point(hm, batch.rows, linearize)
+    point = perturbed_point(hm, ctx.noise, batch.rows, linearize)
     with (
         no_grad_for(ctx.base_params + ctx.hyper_params),
         running_stats_frozen(hm),
@@ -292,7 +294,7 @@ def response_part(ctx: StepContext, tx: StepTransaction, batch: Batch, loss_fn: 
 def stn_part(ctx: StepContext, tx: StepTransaction, batch: Batch, loss_fn: LossFn, census: bool) -> Tensor:
     """Plain STN: w₀ and Θ jointly on the perturbed training loss."""
     hm = ctx.hyper_model
-    point = perturbed_point(hm, batch.rows, linearize=False)
+    point = perturbed_point(hm, ctx.noise, batch.rows, linearize=False)
     with no_grad_for(ctx.hyper_params), hm.evaluated_at(point), hm.collecting_activations():
         data_loss, total = _checked_forward(ctx, batch, loss_fn, point, census)
         tx.backward(

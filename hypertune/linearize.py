@@ -293,6 +293,90 @@ def scale_tangent_too(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return fwAD.make_dual(primal * scale, tangent * scale)
 
 
+# ---- custom autograd.Functions without a jvp ----------------------------------------------------
+_FUNCTION_APPLY = torch.autograd.Function.__dict__["apply"]
+_BASE_JVP = torch.autograd.Function.jvp
+
+
+def _tangent_of(t: Any) -> torch.Tensor | None:
+    return fwAD.unpack_dual(t).tangent if torch.is_tensor(t) else None
+
+
+def _apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``Function.apply`` inside the linearized pass: a Function that defines no ``jvp`` (BLOOM's
+    training GELU, a user's custom activation) gets its tangent from its own backward."""
+    if cls.jvp is _BASE_JVP and any(_tangent_of(t) is not None for t in pytree.tree_leaves((args, kwargs))):
+        out = _jvp_from_backward(cls, args, kwargs)
+        if out is not None:
+            return out
+    return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
+
+
+def _jvp_from_backward(cls: type, args: tuple, kwargs: dict) -> Any:
+    """J·ṫ by the double-vjp identity: with g(u) = Jᵀu from the Function's backward, J·ṫ is the
+    gradient of g(u)·ṫ in u. Exact wherever the backward is differentiable, and it keeps the
+    backward's meaning (a straight-through estimator's surrogate Jacobian, as training uses).
+    When a primal input needs a gradient itself, the primal output is computed once more from
+    it, so that its graph is kept."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    inputs, tangents, plain, primals = [], [], [], []
+    for leaf in leaves:
+        tangent = _tangent_of(leaf)
+        if tangent is None:
+            plain.append(leaf)
+            primals.append(leaf)
+            continue
+        primal = fwAD.unpack_dual(leaf).primal
+        x = primal.detach().requires_grad_(True)
+        inputs.append(x)
+        tangents.append(tangent)
+        plain.append(x)
+        primals.append(primal)
+    keep_graph = any(torch.is_tensor(p) and p.requires_grad for p in primals)
+    call_args, call_kwargs = pytree.tree_unflatten(plain, spec)
+    try:
+        with torch.enable_grad():
+            out = _FUNCTION_APPLY.__get__(None, cls)(*call_args, **call_kwargs)
+            outs, out_spec = pytree.tree_flatten(out)
+            diff = [i for i, o in enumerate(outs) if torch.is_tensor(o) and o.requires_grad]
+            us = [torch.zeros_like(outs[i], requires_grad=True) for i in diff]
+            vjps = torch.autograd.grad([outs[i] for i in diff], inputs, us, create_graph=True, allow_unused=True)
+            pairs = [(g, t) for g, t in zip(vjps, tangents) if g is not None]
+            if any(not g.requires_grad or "Error" in type(g.grad_fn).__name__ for g, _ in pairs):
+                # once_differentiable (its graph ends in an error node), or computed under no_grad
+                raise RuntimeError("its backward builds no graph in the output's gradient")
+            jvps = torch.autograd.grad(
+                [g for g, _ in pairs], us, [t for _, t in pairs], create_graph=True, allow_unused=True
+            ) if pairs else [None] * len(us)
+            if pairs and all(j is None for j in jvps):
+                raise RuntimeError("its backward's result does not depend on the output's gradient")
+    except RuntimeError as err:
+        raise NotImplementedError(
+            f"{cls.__name__} (a custom autograd.Function) has no jvp, and its backward cannot be "
+            f"differentiated to give one ({err})"
+        ) from err
+    if keep_graph:
+        primal_args, primal_kwargs = pytree.tree_unflatten(primals, spec)
+        outs = pytree.tree_leaves(_FUNCTION_APPLY.__get__(None, cls)(*primal_args, **primal_kwargs))
+    duals = list(outs)
+    for i, jvp in zip(diff, jvps):
+        primal = outs[i] if keep_graph else outs[i].detach()
+        duals[i] = fwAD.make_dual(primal, torch.zeros_like(primal) if jvp is None else jvp)
+    for i, o in enumerate(outs):
+        if torch.is_tensor(o) and i not in diff and not keep_graph:
+            duals[i] = o.detach()
+    return pytree.tree_unflatten(duals, out_spec)
+
+
+@contextlib.contextmanager
+def _custom_functions_linearized() -> Any:
+    torch.autograd.Function.apply = classmethod(_apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = _FUNCTION_APPLY
+
+
 # torch keeps one forward-AD dual level for the whole process, not one per thread (a second
 # thread's make_dual joins the first thread's level, and opening a second level raises "Nested
 # forward mode AD is not supported"), so linearized forwards of different models in different
@@ -307,6 +391,12 @@ def linearized_call(fn: Callable[[], Any], rewrite_ops: bool = False) -> Any:
     is always rewritten.
     """
     _load_jvp_decompositions()
-    with _DUAL_LEVEL, fwAD.dual_level(), _math_attention(), _LinearizableOps(hardsigmoid=rewrite_ops):
+    with (
+        _DUAL_LEVEL,
+        fwAD.dual_level(),
+        _math_attention(),
+        _custom_functions_linearized(),
+        _LinearizableOps(hardsigmoid=rewrite_ops),
+    ):
         out = fn()
         return pytree.tree_map(_linearized, out)

@@ -388,3 +388,117 @@ def test_a_loss_computed_inside_the_forward_is_the_loss_of_the_linearized_output
     monkeypatch.setattr(linearize, "_LOSSES", set())
     expanded, _ = _theta_grads(inside=True)
     assert not torch.allclose(expanded, outside, rtol=1e-3, atol=1e-6)
+
+
+class _TanhGelu(torch.autograd.Function):
+    """A custom activation with a hand-written backward and no jvp (BLOOM's training GELU)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * x**3)))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * (x + 0.044715 * x**3))
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t**2) * 0.79788456 * (1 + 3 * 0.044715 * x**2))
+
+
+class _RoundStraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.exp()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * x.exp()
+
+
+class _Act(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _mlp_with(act: nn.Module, seed: int = 0) -> ht.HyperModel:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 12), act, nn.Linear(12, 3))
+    model = ht.HyperModel.wrap(net, {"wd": ht.WeightDecay(init=1e-2)})
+    with torch.no_grad():
+        for p in model.response_parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def _linearized_theta_grad(model: ht.HyperModel, x: torch.Tensor, seed: int = 1):
+    hp = model.hparams
+    torch.manual_seed(seed)
+    eps = hp.sample_noise(x.shape[0])
+    point = Perturbation(hp, hp.unconstrained.detach() + eps, eps, linearize=True)
+    with model.evaluated_at(point):
+        out = linearized_call(lambda: model(x))
+    theta = list(model.response_parameters())
+    return out, torch.autograd.grad(out.square().sum(), theta)
+
+
+def test_a_custom_function_without_jvp_is_linearized_through_its_backward():
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))
+    custom = _mlp_with(_Act(lambda x: _TanhGelu.apply(x)))
+    plain = _mlp_with(nn.GELU(approximate="tanh"))
+    out_c, grads_c = _linearized_theta_grad(custom, x)
+    out_p, grads_p = _linearized_theta_grad(plain, x)
+    torch.testing.assert_close(out_c, out_p, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_c, grads_p):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert torch.autograd.Function.__dict__["apply"] is _ORIGINAL_APPLY  # the patch is gone
+
+
+_ORIGINAL_APPLY = torch.autograd.Function.__dict__["apply"]
+
+
+def test_a_straight_through_function_keeps_its_backwards_meaning():
+    """J comes from the backward, as in training: rounding's surrogate Jacobian is the identity."""
+    x = torch.randn(4, 3)
+    t = torch.randn(4, 3)
+    with fwAD.dual_level():
+        from hypertune.linearize import _custom_functions_linearized
+
+        with _custom_functions_linearized():
+            primal, tangent = fwAD.unpack_dual(_RoundStraightThrough.apply(fwAD.make_dual(x, t)))
+    assert torch.equal(primal, torch.round(x)) and torch.equal(tangent, t)
+
+
+def test_a_function_whose_backward_cannot_be_differentiated_is_refused_with_the_fix():
+    model = _mlp_with(_Act(lambda x: _OnceDifferentiable.apply(x)))
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01), response_every=1)
+    x, y = torch.randn(8, 5) * 0.1, torch.randint(0, 3, (8,))
+    with pytest.raises(ht.HyperTuneError, match="mode='centered'"):
+        opt.train_step(x, y, F.cross_entropy)
+    assert opt.train_steps == 0
+    opt2 = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01), mode="centered")
+    assert opt2.train_step(x, y, F.cross_entropy).response_loss is not None
+
+
+def test_an_apply_stored_before_the_step_is_refused_with_both_fixes():
+    model = _mlp_with(_Act(_TanhGelu.apply))  # bound when the model was built
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    with pytest.raises(ht.HyperTuneError, match=r"call apply in the forward\). Use mode='centered'"):
+        opt.train_step(torch.randn(4, 5), torch.randint(0, 3, (4,)), F.cross_entropy)
+    assert opt.train_steps == 0

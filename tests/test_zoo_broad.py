@@ -49,6 +49,7 @@ HF_CASES = {
  "falcon": lm("FalconConfig", "FalconForCausalLM", vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, hidden_dropout=0.1),
  "gpt_neox": lm("GPTNeoXConfig", "GPTNeoXForCausalLM", vocab_size=100, max_position_embeddings=64, hidden_dropout=0.1, **tiny),
  "gptj": lm("GPTJConfig", "GPTJForCausalLM", vocab_size=100, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=64),
+ "bloom": lm("BloomConfig", "BloomForCausalLM", vocab_size=100, hidden_size=32, n_layer=2, n_head=2, hidden_dropout=0.1),
  "gpt_bigcode": lm("GPTBigCodeConfig", "GPTBigCodeForCausalLM", vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64),
  "codegen": lm("CodeGenConfig", "CodeGenForCausalLM", vocab_size=100, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=64, n_ctx=64),
  "stablelm": lm("StableLmConfig", "StableLmForCausalLM", vocab_size=100, max_position_embeddings=64, num_key_value_heads=2, **tiny),

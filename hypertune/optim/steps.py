@@ -283,9 +283,17 @@ def response_part(ctx: StepContext, tx: StepTransaction, batch: Batch, loss_fn: 
                 ) from err
             if not isinstance(err, NotImplementedError) and "not implemented" not in str(err).lower():
                 raise
+            hint = ""
+            if "custom autograd.Function" in str(err):
+                hint = (
+                    " (hypertune derives a custom Function's jvp from its backward when the forward "
+                    "calls MyFunction.apply(...) itself: an apply stored earlier, e.g. "
+                    "self.act = MyFunction.apply, bypasses that; give the Function a jvp, or call "
+                    "apply in the forward)"
+                )
             raise HyperTuneError(
                 "Δ-STN's linearized Θ step needs forward-mode derivatives (and their backward) of "
-                f"every op in the model's forward, and PyTorch lacks one here: {err}. Use "
+                f"every op in the model's forward, and PyTorch lacks one here: {err}{hint}. Use "
                 "mode='centered', which does not linearize"
             ) from err
     return data_loss.detach()

@@ -355,7 +355,8 @@ def test_hyper_layers_used_functionally_are_refused_on_the_first_step():
 
 
 class _NoJvpReLU(torch.autograd.Function):
-    """A user's custom op with a backward but no jvp: forward-mode AD cannot pass it."""
+    """A user's custom op with a backward but no jvp, and a backward that cannot itself be
+    differentiated: neither forward-mode AD nor hypertune's double-vjp can linearize it."""
 
     @staticmethod
     def forward(ctx, x):
@@ -363,6 +364,7 @@ class _NoJvpReLU(torch.autograd.Function):
         return x.clamp(min=0)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad * (x > 0)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SpecError
-from ..sites import Site, describe
+from ..sites import Site, Target, describe, selects
 from ..transforms import Transform, transform_for
 
 if TYPE_CHECKING:
@@ -113,6 +113,39 @@ class WrapSites:
             return False
         self.module_owner[id(site.module)] = name
         return True
+
+    def choose(
+        self,
+        name: str,
+        kind: str,
+        label: str,
+        targets: tuple[Target, ...] | None,
+        is_site: Callable[[nn.Module], bool],
+        what: str,
+        refusal: Callable[[Site], str | None] | None = None,
+    ) -> list[Site] | None:
+        """The sites spec ``name`` of a module-swapping kind acts on. Without ``targets``: every
+        site of its kind no other spec took (``None`` if another spec is already the catch-all).
+        With them: the selected sites; a selected leaf that is not one (``what``, e.g. "dropout
+        module") is refused, with ``refusal``'s reason first when it gives one."""
+        if targets is None:
+            if not self.claim_catch_all(kind, name, label):
+                return None
+            return [s for s in self.sites if is_site(s.module) and id(s.module) not in self.module_owner]
+        chosen = []
+        for site in self.sites:
+            if not selects(site, targets):
+                continue
+            if is_site(site.module):
+                chosen.append(site)
+            elif refusal is not None and (why := refusal(site)) is not None:
+                self.problems.append(why)
+            elif not list(site.module.children()):
+                self.problems.append(
+                    f"hparams[{name!r}] selects {describe(site.path, site.module)}, which is not a "
+                    f"{what}: narrow its targets"
+                )
+        return chosen
 
     def claim_each(self, spec: HParam, name: str, chosen: list[Site], per_site: bool) -> Claim:
         """Claim every module of ``chosen`` for spec ``name``: one tuned value for all, or one per
@@ -220,6 +253,26 @@ class FixedFormError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+def modules_at(model: nn.Module, paths: list[str], fits: Callable[[nn.Module], bool], what: str) -> list[nn.Module]:
+    """The modules at ``paths`` (a saved ``where``), each one ``fits`` accepts; every path that
+    is missing or holds another module (not ``what``) goes into one FixedFormError."""
+    modules: list[nn.Module] = []
+    problems: list[str] = []
+    for path in paths:
+        try:
+            m = model.get_submodule(path) if path else model
+        except AttributeError:
+            problems.append(f"the model has no module {path!r}")
+            continue
+        if not fits(m):
+            problems.append(f"module {path!r} is a {type(m).__name__}, not {what}")
+            continue
+        modules.append(m)
+    if problems:
+        raise FixedFormError(problems)
+    return modules
 
 
 # ---- the base kind: a generic tuned value -----------------------------------------------------------

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..layers.base import carry_hooks
 from ..layers.drop_path import HyperDropPath
-from ..sites import Target, as_targets, describe, selects
-from .base import Claim, FixedForm, FixedFormError, HParam, Installation, WrapSites, register_hparam_kind
+from ..sites import Target, as_targets, describe
+from .base import Claim, FixedForm, HParam, Installation, WrapSites, modules_at, register_hparam_kind
 from .dropout import RATE_INIT_SCALE, rate_bounds
 
 
@@ -72,23 +72,9 @@ class DropPathRate(HParam):
         return 1 if self.targets is None else 0
 
     def claim(self, name: str, sites: WrapSites) -> Claim:
-        candidates = [s for s in sites.sites if is_drop_path_site(s.module)]
-        if self.targets is None:
-            if not sites.claim_catch_all(self.kind, name, "DropPathRate"):
-                return Claim({})
-            chosen = [s for s in candidates if id(s.module) not in sites.module_owner]
-        else:
-            chosen = []
-            for site in sites.sites:
-                if not selects(site, self.targets):
-                    continue
-                if is_drop_path_site(site.module):
-                    chosen.append(site)
-                elif not list(site.module.children()):
-                    sites.problems.append(
-                        f"hparams[{name!r}] selects {describe(site.path, site.module)}, which is not a "
-                        "stochastic-depth module: narrow its targets"
-                    )
+        chosen = sites.choose(name, self.kind, "DropPathRate", self.targets, is_drop_path_site, "stochastic-depth module")
+        if chosen is None:
+            return Claim({})
         if not chosen:
             sites.problems.append(
                 f"hparams[{name!r}] (DropPathRate) matches no stochastic-depth module (timm DropPath, "
@@ -126,21 +112,8 @@ class FixedDropPath(FixedForm):
     """Sets the rate of the plain stochastic-depth modules."""
 
     def __init__(self, model: nn.Module, paths: list[str], value: float) -> None:
-        self.modules: list[tuple[nn.Module, str]] = []
-        problems: list[str] = []
-        for path in paths:
-            try:
-                m = model.get_submodule(path) if path else model
-            except AttributeError:
-                problems.append(f"the model has no module {path!r}")
-                continue
-            attribute = rate_attribute(m)
-            if attribute is None:
-                problems.append(f"module {path!r} is a {type(m).__name__}, not a stochastic-depth module")
-                continue
-            self.modules.append((m, attribute))
-        if problems:
-            raise FixedFormError(problems)
+        found = modules_at(model, paths, is_drop_path_site, "a stochastic-depth module")
+        self.modules: list[tuple[nn.Module, str]] = [(m, rate_attribute(m) or "drop_prob") for m in found]
         self.set_value(value)
 
     def set_value(self, value: float) -> None:

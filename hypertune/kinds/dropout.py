@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from ..errors import SpecError
 from ..layers.base import carry_hooks
 from ..layers.dropout import HyperDropout
-from ..sites import Site, Target, as_targets, describe, selects
-from .base import Claim, FixedForm, FixedFormError, HParam, Installation, WrapSites, register_hparam_kind
+from ..sites import Site, Target, as_targets, describe
+from .base import Claim, FixedForm, HParam, Installation, WrapSites, modules_at, register_hparam_kind
 
 # Dropout module type -> number of trailing axes that share one mask entry.
 DROPOUTS: dict[type[nn.Module], int] = {
@@ -88,30 +88,19 @@ class DropoutRate(HParam):
         return 1 if self.targets is None else 0  # the catch-all takes what explicit specs left
 
     def claim(self, name: str, sites: WrapSites) -> Claim:
-        chosen: list[Site] = []
-        dropout_sites = [s for s in sites.sites if is_dropout_site(s.module)]
-        if self.targets is None:
-            if not sites.claim_catch_all(self.kind, name, "DropoutRate"):
-                return Claim({})
-            chosen = [s for s in dropout_sites if id(s.module) not in sites.module_owner]
-        else:
-            for site in sites.sites:
-                if not selects(site, self.targets):
-                    continue
-                if is_dropout_site(site.module):
-                    chosen.append(site)
-                elif isinstance(site.module, (nn.AlphaDropout, nn.FeatureAlphaDropout)):
-                    sites.problems.append(
-                        f"hparams[{name!r}] selects {describe(site.path, site.module)}: alpha dropout "
-                        "is not supported; target nn.Dropout/Dropout1d/2d/3d modules only"
-                    )
-                elif not list(site.module.children()):
-                    sites.problems.append(
-                        f"hparams[{name!r}] selects {describe(site.path, site.module)}, which is not a "
-                        "dropout module: narrow its targets"
-                    )
+        def alpha(site: Site) -> str | None:
+            if not isinstance(site.module, (nn.AlphaDropout, nn.FeatureAlphaDropout)):
+                return None
+            return (
+                f"hparams[{name!r}] selects {describe(site.path, site.module)}: alpha dropout "
+                "is not supported; target nn.Dropout/Dropout1d/2d/3d modules only"
+            )
+
+        chosen = sites.choose(name, self.kind, "DropoutRate", self.targets, is_dropout_site, "dropout module", alpha)
+        if chosen is None:
+            return Claim({})
         if not chosen:
-            where = [s.path for s in dropout_sites]
+            where = [s.path for s in sites.sites if is_dropout_site(s.module)]
             sites.problems.append(
                 f"hparams[{name!r}] (DropoutRate) matches no dropout module; the model's dropout "
                 f"modules are {where or 'none'}: add nn.Dropout modules or fix targets"
@@ -147,20 +136,7 @@ class FixedDropout(FixedForm):
     forward hook (torch's dropouts have no locked form)."""
 
     def __init__(self, model: nn.Module, paths: list[str], value: float, locked_dim: int | None) -> None:
-        self.modules: list[nn.Module] = []
-        problems: list[str] = []
-        for path in paths:
-            try:
-                m = model.get_submodule(path) if path else model
-            except AttributeError:
-                problems.append(f"the model has no module {path!r}")
-                continue
-            if not isinstance(m, tuple(DROPOUTS)):
-                problems.append(f"module {path!r} is a {type(m).__name__}, not nn.Dropout/1d/2d/3d")
-                continue
-            self.modules.append(m)
-        if problems:
-            raise FixedFormError(problems)
+        self.modules = modules_at(model, paths, lambda m: isinstance(m, tuple(DROPOUTS)), "nn.Dropout/1d/2d/3d")
         self.locked_dim = locked_dim
         self.handles = [m.register_forward_hook(self._locked) for m in self.modules] if locked_dim else []
         self.set_value(value)

@@ -180,7 +180,6 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         self.nonfinite: NonFinite = nonfinite
         self.response_every = response_every
         self.response_fraction = float(response_fraction)
-        self.antithetic = antithetic
         self._noise = ResponseNoise(antithetic)
         self.autocast = autocast
         self.grad_scaler = grad_scaler
@@ -281,8 +280,12 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if "_noise" not in state:  # pickled before antithetic draws existed
-            self.antithetic = False
             self._noise = self._ctx.noise = ResponseNoise(False)
+
+    @property
+    def antithetic(self) -> bool:
+        """Whether the Θ steps draw their perturbations in antithetic pairs."""
+        return self._noise.antithetic
 
     # ---- steps -------------------------------------------------------------------------------
     def train_step(self, inputs: Any, target: Any, loss_fn: LossFn) -> StepResult:
@@ -301,7 +304,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             self._follow_lr()
             self.zero_grad()
             tx = self._transaction("train")
-            self._noise.discard()  # a draw left by a step that raised is not this step's
+            self._noise.discard()  # a draw left by a refused step, or one that raised, is not this step's
             with _Rollback(tx, "train_step"):
                 loss, response_loss = TRAIN_STEPS[self.mode](
                     self._ctx, tx, batch, loss_fn, census=self.train_steps == 0, response=response
@@ -310,8 +313,6 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             if taken:
                 self.train_steps += 1
                 self._noise.commit()
-            else:
-                self._noise.discard()
             # LR schedulers attached to this object warn unless they see its step was called.
             self._opt_called = True
             return self._record("train", losses, taken)

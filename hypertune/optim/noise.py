@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..hyperparameters import HyperParameters
@@ -53,7 +52,7 @@ class ResponseNoise:
         self._drawn = False
 
     def discard(self) -> None:
-        """The step that drew last was refused or skipped."""
+        """Forget a draw no taken step committed (called as each step starts)."""
         self._drawn = False
 
     # ---- state ----------------------------------------------------------------------------------
@@ -61,9 +60,8 @@ class ResponseNoise:
         return {"antithetic": self.antithetic, "pending": None if self.pending is None else self.pending.detach().clone()}
 
     def load_state_dict(self, state: Any, hp: HyperParameters) -> None:
-        """A missing or mismatched half (a state saved without it, or by a run tuning other
-        hyperparameters) just starts a new pair."""
-        pending = state.get("pending") if isinstance(state, dict) else None
-        ok = torch.is_tensor(pending) and pending.dim() == 2 and pending.shape[1] == len(hp) and bool(torch.isfinite(pending).all())
-        self.pending = pending.detach().to(hp.unconstrained.device).clone() if ok and self.antithetic else None
+        """``state`` passed :func:`hypertune.optim.state.state_problems`; a state saved without a
+        pending half (before antithetic draws existed, or between pairs) starts a new pair."""
+        pending = state.get("pending") if self.antithetic else None
+        self.pending = None if pending is None else pending.detach().to(hp.unconstrained.device).clone()
         self._next, self._drawn = None, False

@@ -117,6 +117,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         opt = _train(htd.prepare_ddp(hm, find_unused_parameters=True), hm, "delta", rank, world)
         results["find_unused"] = _state(hm, opt)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        # Both ranks done before either tears down: a rank destroying its gloo group while the
+        # other's last collective is still in flight aborted once ("terminate called without an
+        # active exception", SIGABRT) in a CI run.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

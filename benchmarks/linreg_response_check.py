@@ -95,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     settings = dict(lt.SETTINGS)
-    for key in ("steps", "warmup_steps", "train_per_val", "response_every", "init_scale"):
+    for key in ("steps", "warmup_steps", "train_per_val", "response_every"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    if args.init_scale is not None:
+        settings["init_scale"] = dict.fromkeys(lt.HPARAMS, args.init_scale)
     problem = lt.load_problem(args.data_dir, args.seed, settings["train_per_feature"], settings["n_val"])
     optimum = lt.exact_optimum(problem, args.hparam)
     rows: list[dict] = []

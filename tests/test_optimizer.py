@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import math
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -352,6 +354,79 @@ def test_hyper_layers_used_functionally_are_refused_on_the_first_step():
         opt.train_step(*_batch(0), F.cross_entropy)
     _assert_same(before, _snapshot(model))
     assert opt.train_steps == 0
+
+
+def test_hyper_layers_a_step_does_not_use_are_not_an_error():
+    """A branch the batch does not take (an expert no example is routed to, a head the forward
+    skips) is not a weight read around the layer: the step runs, says so once, and that layer's
+    Θ learns on the first step that calls it."""
+
+    class Routed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.router = nn.Linear(6, 2)
+            self.experts = nn.ModuleList([nn.Linear(6, 3), nn.Linear(6, 3)])
+            self.unused_head = nn.Linear(6, 1)
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x):
+            choice = self.router(x).argmax(-1)
+            out = x.new_zeros(x.shape[0], 3)
+            for e, expert in enumerate(self.experts):
+                rows = (choice == e).nonzero().flatten()
+                if rows.numel():
+                    out = out.index_add(0, rows, expert(self.drop(x[rows])))
+            return out + 0 * self.router(x).sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    net = Routed()
+    with torch.no_grad():  # the router sends every example to expert 0
+        net.router.weight.zero_()
+        net.router.bias.copy_(torch.tensor([1.0, 0.0]))
+    # (no weight decay: its penalty on w₀ + Θε would train every layer's Θ, called or not)
+    model = ht.HyperModel.wrap(net, {"dropout": ht.DropoutRate()})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), response_every=1)
+    theta = {path: [p.detach().clone() for p in layer.response_parameters()] for path, layer in model.hyper_layers().items()}
+    with pytest.warns(ht.WrapNotice, match=r"did not call hyper-layer\(s\) experts\.1, unused_head"):
+        result = opt.train_step(*_batch(0), F.cross_entropy)
+    assert not result.skipped and opt.train_steps == 1
+    layers = model.hyper_layers()
+    for path in ("experts.1", "unused_head"):
+        assert all(torch.equal(a, b) for a, b in zip(theta[path], layers[path].response_parameters())), path
+    assert any(not torch.equal(a, b) for a, b in zip(theta["experts.0"], layers["experts.0"].response_parameters()))
+    with torch.no_grad():  # now expert 1 takes every example
+        net.router.bias.copy_(torch.tensor([0.0, 1.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ht.WrapNotice)  # the notice is for the first step only
+        opt.train_step(*_batch(1), F.cross_entropy)
+    assert any(not torch.equal(a, b) for a, b in zip(theta["experts.1"], layers["experts.1"].response_parameters()))
+
+
+def test_an_eval_forward_that_breaks_its_own_backward_is_refused_with_the_fix():
+    """val_step differentiates through eval mode; a model that overwrites, in eval mode only, a
+    tensor its backward needs (a cache, as Hugging Face's RWKV keeps) gets one message naming
+    the fix, and the step changes nothing."""
+
+    class EvalInPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.drop, self.head = nn.Linear(6, 8), nn.Dropout(0.1), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            if not self.training:
+                h.mul_(1.0)  # sigmoid's backward needs its output as it was
+            return self.head(self.drop(h))
+
+    model = ht.HyperModel.wrap(EvalInPlace(), {"dropout": ht.DropoutRate()})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.train_step(*_batch(0), F.cross_entropy)
+    before = _snapshot(model)
+    with pytest.raises(ht.HyperTuneError, match="use_cache=False") as err:
+        opt.val_step(*_batch(1), F.cross_entropy)
+    assert "out of place" in str(err.value)
+    _assert_same(before, _snapshot(model))
+    assert opt.val_steps == 0
 
 
 class _NoJvpReLU(torch.autograd.Function):

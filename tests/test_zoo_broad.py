@@ -1,6 +1,6 @@
 """More of the models people train: the same checks as ``test_zoo.py``.
 
-Hugging Face decoder LMs (dense, mixture-of-experts, state-space and hybrid), encoders and
+Hugging Face decoder LMs (dense, mixture-of-experts, state-space, RWKV and hybrid), encoders and
 vision models from tiny configs, and timm architectures at their smallest sizes, each built
 with random weights, wrapped, stepped in all three modes and unwrapped (``check_zoo_model``).
 Models skip cleanly without transformers or timm, or when this transformers lacks a class. The
@@ -38,6 +38,11 @@ def cls(cfg_cls: str, model_cls: str, **kw):
 
 def img(cfg_cls: str, model_cls: str, **kw):
     return _builder(cfg_cls, model_cls, image_batch, num_labels=10, **kw)
+
+
+def _no_cache(batch):
+    inputs, target, loss_fn = batch
+    return dict(inputs, use_cache=False), target, loss_fn
 
 
 # LeViT (HF) is left out: after one step its eval logits reach ~1e5, where folding plain STN's Θ
@@ -81,6 +86,21 @@ HF_CASES = {
  "olmoe": lm("OlmoeConfig", "OlmoeForCausalLM", vocab_size=100, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, **tiny),
  "qwen3_moe": lm("Qwen3MoeConfig", "Qwen3MoeForCausalLM", vocab_size=100, max_position_embeddings=64, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **tiny),
  "gpt_oss": lm("GptOssConfig", "GptOssForCausalLM", vocab_size=100, num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"], **tiny),
+ "modernbert": cls("ModernBertConfig", "ModernBertForSequenceClassification", vocab_size=100, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, global_attn_every_n_layers=2, local_attention=16, embedding_dropout=0.1, mlp_dropout=0.1, **tiny),
+ "xlnet": cls("XLNetConfig", "XLNetForSequenceClassification", vocab_size=100, d_model=32, n_layer=2, n_head=2, d_inner=64),
+ "cohere": lm("CohereConfig", "CohereForCausalLM", vocab_size=100, max_position_embeddings=64, num_key_value_heads=1, bos_token_id=1, eos_token_id=2, pad_token_id=0, **tiny),
+ "nemotron": lm("NemotronConfig", "NemotronForCausalLM", vocab_size=100, max_position_embeddings=64, num_key_value_heads=1, **tiny),
+ "granitemoe": lm("GraniteMoeConfig", "GraniteMoeForCausalLM", vocab_size=100, max_position_embeddings=64, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, **tiny),
+ "squeezebert": cls("SqueezeBertConfig", "SqueezeBertForSequenceClassification", vocab_size=100, embedding_size=32, max_position_embeddings=64, **tiny),
+ "perceiver": cls("PerceiverConfig", "PerceiverForSequenceClassification", vocab_size=100, d_latents=32, d_model=32, num_latents=8, num_blocks=1, num_self_attends_per_block=2, num_self_attention_heads=2, num_cross_attention_heads=2, max_position_embeddings=64),
+ "convnextv2": img("ConvNextV2Config", "ConvNextV2ForImageClassification", hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], drop_path_rate=0.1),
+ "swinv2": img("Swinv2Config", "Swinv2ForImageClassification", image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, hidden_dropout_prob=0.1),
+ "data2vec_vision": img("Data2VecVisionConfig", "Data2VecVisionForImageClassification", image_size=32, patch_size=8, hidden_dropout_prob=0.1, **tiny),
+ # ESM's contact head is never called by a classification forward: an unused module, not an error
+ "esm": cls("EsmConfig", "EsmForSequenceClassification", vocab_size=100, max_position_embeddings=64, pad_token_id=1, hidden_dropout_prob=0.1, **tiny),
+ # RWKV keeps a state cache in eval mode that its backward cannot go through: val_step needs use_cache=False
+ "rwkv": _builder("RwkvConfig", "RwkvForCausalLM", lambda: _no_cache(token_batch("lm")), vocab_size=100, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64, context_length=64),
+ "zamba2": lm("Zamba2Config", "Zamba2ForCausalLM", vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mamba_d_state=8, mamba_headdim=8, n_mamba_heads=8, layers_block_type=["mamba", "hybrid"], num_key_value_heads=2, max_position_embeddings=64, attention_head_dim=16),
  "deepseek_v3": lm("DeepseekV3Config", "DeepseekV3ForCausalLM", vocab_size=100, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **tiny),
 }
 

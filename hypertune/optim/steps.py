@@ -25,6 +25,7 @@ from ..context import Perturbation
 from ..errors import HyperTuneError
 from ..linearize import linearized_call
 from ..model import HyperModel
+from ..notices import listing, notice
 from .noise import ResponseNoise
 from .transaction import StepTransaction, autocast_disabled
 
@@ -103,18 +104,35 @@ def call_census(hm: HyperModel, active: bool) -> Iterator[set[str]]:
             h.remove()
 
 
-def uncalled_error(hm: HyperModel, called: set[str]) -> HyperTuneError | None:
-    """Hyper-layers no forward reached (a tied weight counts as reached through any module that
-    shares it) and hyperparameters no module read: tuning either would change nothing."""
+def uncalled_error(hm: HyperModel, called: set[str], data_loss: Tensor) -> HyperTuneError | None:
+    """Hyper-layers the forward bypassed while still using their weights, and hyperparameters no
+    module read: tuning either would change nothing.
+
+    A layer never called whose weights the loss does not depend on either is unused on this
+    batch (a head the forward skips, an expert no token was routed to): that is not an error,
+    its Θ learns from the data on the steps that call it, and a notice says so. A tied weight counts as
+    reached through any module that shares it.
+    """
     missing = hm.unreached_layers(called)
+    used = graph_leaves(data_loss) if missing else set()
+    layers = hm.hyper_layers()
+    bypassed = [path for path in missing if any(id(p) in used for p in layers[path].parameters())]
+    unused = [path for path in missing if path not in bypassed]
+    if unused:
+        notice(
+            f"the first training step's forward did not call hyper-layer(s) {listing(unused)} and does "
+            "not use their weights (a branch this batch did not take, or a module the forward never "
+            "uses); their response learns from the data only on steps that call them. To tune without them, "
+            "wrap with exclude=[...]"
+        )
     unread = hm.unread_hparams()
     problems = []
-    if missing:
+    if bypassed:
         problems.append(
-            f"the model's forward never called hyper-layer(s) {missing}: it uses their weights directly "
+            f"the model's forward never called hyper-layer(s) {bypassed} but uses their weights directly "
             "(e.g. F.linear(x, self.proj.weight)), so their response Θ could never learn. wrap() changed "
             "the model in place, so undo it first and wrap the plain model again without them: "
-            f"plain = hyper_model.unwrap(); hyper_model = HyperModel.wrap(plain, ..., exclude={missing!r}), "
+            f"plain = hyper_model.unwrap(); hyper_model = HyperModel.wrap(plain, ..., exclude={bypassed!r}), "
             "then build the optimizers again"
         )
     if unread:
@@ -126,6 +144,23 @@ def uncalled_error(hm: HyperModel, called: set[str]) -> HyperTuneError | None:
     if not problems:
         return None
     return HyperTuneError("; ".join(problems))
+
+
+def graph_leaves(root: Tensor) -> set[int]:
+    """``id`` of every leaf tensor (parameter) that ``root``'s autograd graph reaches."""
+    leaves: set[int] = set()
+    seen: set[Any] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf's gradient sink
+        if variable is not None:
+            leaves.add(id(variable))
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
 
 
 # ---- a batch -------------------------------------------------------------------------------------
@@ -242,7 +277,7 @@ def _checked_forward(
     with ctx.autocast_region(), call_census(hm, census) as called:
         out = ctx.model(*batch.args, **batch.kwargs)
         data_loss, total = objective(ctx, out, batch.target, loss_fn, point)
-    if census and (error := uncalled_error(hm, called)) is not None:
+    if census and (error := uncalled_error(hm, called, data_loss)) is not None:
         raise error
     _require_graph(data_loss, ctx.base_params)
     return data_loss, total
@@ -344,7 +379,18 @@ def hyper_part(
                 f"{type(loss).__name__}{tuple(loss.shape) if torch.is_tensor(loss) else ''}"
             )
         total = loss - entropy_weight * hp.entropy() if tune_scales else loss
-        tx.backward("λ step", loss, total, ctx.hyper_params, [ctx.hyper_optimizer], snapshot=True)
+        try:
+            tx.backward("λ step", loss, total, ctx.hyper_params, [ctx.hyper_optimizer], snapshot=True)
+        except RuntimeError as err:
+            if "modified by an inplace operation" not in str(err):
+                raise
+            raise HyperTuneError(
+                "val_step differentiates the validation loss through the model's eval-mode forward, "
+                f"and that forward overwrote in place a tensor its backward needs ({err}). Models that "
+                "update a cache or state in eval mode do this (Hugging Face's RWKV: pass use_cache=False "
+                "with the validation inputs, or set model.config.use_cache = False); otherwise make the op "
+                "out of place (x += y -> x = x + y)"
+            ) from err
     return loss.detach()
 
 

@@ -20,6 +20,7 @@ from .errors import HyperTuneError
 from .hyperparameters import HyperParameters
 from .attention import TunedRateCalls
 from .kinds.base import Installation, kind_of
+from .kinds.dropout import DropoutRate, attention_float_dropouts
 from .kinds.input_dropout import InputDropoutHook
 from .layers import HyperDropout, HyperLayer
 from .layers.dropout import RateInterceptionNeeded
@@ -179,6 +180,16 @@ class HyperModel(nn.Module):
             coverage = wrapped.coverage()
             if any(why not in ("excluded", "not selected by targets", surgery.FROZEN) for why in coverage.untuned.values()):
                 notice(f"hypertune: {coverage} (see HyperModel.coverage())")
+        if any(isinstance(spec, DropoutRate) for spec in specs.values()):
+            fixed = [
+                f"{path} (p={m.dropout:g})" for path, m in installed.root.named_modules()
+                if attention_float_dropouts([m])
+            ]
+            if fixed:
+                notice(
+                    f"hypertune: nn.MultiheadAttention keeps its attention dropout fixed in {listing(fixed)}: "
+                    "the rate is a float argument, not a dropout module, so DropoutRate does not tune it"
+                )
         return wrapped
 
     def coverage(self) -> Coverage:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -798,6 +799,33 @@ def test_multihead_attention_is_skipped_by_default():
     # attention weights still train as w₀
     base = {id(p) for p in wrapped.base_parameters()}
     assert all(id(p) in base for p in model.att.parameters())
+
+
+def test_multihead_attention_dropout_is_named_as_fixed():
+    """nn.MultiheadAttention passes its dropout as a float to F.multi_head_attention_forward, so
+    no spec can tune it: wrap says so instead of letting a user believe it is tuned."""
+    model = WithAttention()
+    model.att.dropout = 0.1
+    with pytest.warns(hypertune.WrapNotice, match=r"attention dropout fixed in att \(p=0\.1\)"):
+        HyperModel.wrap(model, {"d": DropoutRate()})
+    assert model.att.dropout == 0.1
+    quiet = WithAttention()  # dropout=0: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hypertune.WrapNotice)
+        warnings.filterwarnings("ignore", "hypertune: .*weights are tuned", hypertune.WrapNotice)
+        HyperModel.wrap(quiet, {"d": DropoutRate()})
+    alone = nn.MultiheadAttention(8, 2, dropout=0.2)
+    with pytest.raises(hypertune.WrapError, match=r"dropout=0\.2 is a float argument"):
+        HyperModel.wrap(_Holder(alone), {"d": DropoutRate()})
+
+
+class _Holder(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.fc = inner, nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.inner(x, x, x)[0])
 
 
 def test_batchnorm_params_are_base_parameters_and_train():

@@ -25,6 +25,7 @@ from .kinds.input_dropout import InputDropoutHook
 from .layers import HyperDropout, HyperLayer
 from .layers.dropout import RateInterceptionNeeded
 from .notices import listing, notice
+from .penalties import WeightDecayPenalty
 from . import rows
 from .rows import BatchPerturbationNeeded
 from .specs import HParam, Target, validate_specs
@@ -433,6 +434,18 @@ class HyperModel(nn.Module):
         finally:
             for penalty in self._collectors:
                 penalty.collecting = False
+
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        """The w₀ weights a tuned WeightDecay penalizes (each once)."""
+        seen: dict[int, nn.Parameter] = {}
+        for penalty in self._penalties:
+            if isinstance(penalty, WeightDecayPenalty):
+                for layer in penalty.layers:
+                    for p in layer.decayed_parameters(penalty.include_bias):
+                        seen.setdefault(id(p), p)
+                for p in penalty.plain:
+                    seen.setdefault(id(p), p)
+        return list(seen.values())
 
     def training_penalty(self, point: Perturbation) -> Tensor | None:
         """Sum of tuned training-only penalties, per perturbation row; ``None`` if there are none."""

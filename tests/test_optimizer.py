@@ -429,6 +429,30 @@ def test_an_eval_forward_that_breaks_its_own_backward_is_refused_with_the_fix():
     assert opt.val_steps == 0
 
 
+def test_an_optimizer_decaying_the_tuned_weights_itself_is_named():
+    """AdamW decays every weight by 0.01 unless told otherwise: on top of a tuned WeightDecay
+    that is a second, fixed decay, which a user switching optimizers should hear about once."""
+
+    def wrapped():
+        net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 3))
+        return ht.HyperModel.wrap(net, {"dropout": ht.DropoutRate(), "wd": ht.WeightDecay()})
+
+    model = wrapped()
+    with pytest.warns(ht.WrapNotice, match=r"AdamW's own weight_decay \(0\.01\) also applies to 2 parameter"):
+        ht.DeltaSTNOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    model = wrapped()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    quiet = [  # no decay at all; decay only where WeightDecay does not reach (biases)
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.optim.AdamW([{"params": weights, "weight_decay": 0.0}, {"params": biases, "weight_decay": 0.1}], lr=1e-3),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ht.WrapNotice)
+        for opt in quiet:
+            ht.DeltaSTNOptimizer(model, opt)
+
+
 class _NoJvpReLU(torch.autograd.Function):
     """A user's custom op with a backward but no jvp, and a backward that cannot itself be
     differentiated: neither forward-mode AD nor hypertune's double-vjp can linearize it."""

@@ -26,10 +26,12 @@ from ..errors import CHECKPOINTING_FIX, HyperTuneError, NonFiniteLossError, Stat
 from ..history import History, Record
 from ..linearize import needs_op_rewrites
 from ..model import HyperModel
-from ..notices import listing
+from ..notices import listing, notice
 from . import state as saved_state
 from .arguments import BYPASSING_DDP, Mode, NonFinite, argument_problems, placement, take_over_problems
-from .inner import DEFAULT_RESPONSE_LR, hyper_optimizer_for, reference_lr, response_optimizer_for, take_over
+from .inner import (
+    DEFAULT_RESPONSE_LR, doubled_decay_notice, hyper_optimizer_for, reference_lr, response_optimizer_for, take_over,
+)
 from .noise import ResponseNoise
 from .steps import TRAIN_STEPS, Batch, LossFn, StepContext, hyper_part, mode as model_mode
 from .transaction import UNCHANGED, BufferTracker, StepTransaction, refusal
@@ -170,6 +172,8 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         response_optimizer = response_optimizer_for(response_optimizer, mode, optimizer, response, response_lr)
         hyper_optimizer = hyper_optimizer_for(hm, hyper_optimizer, hyper_lr, tune_scales)
         take_over(optimizer, response + hyper)  # the only write to the user's objects
+        if (doubled := doubled_decay_notice(optimizer, hm.decayed_parameters())) is not None:
+            notice(doubled)
 
         self.model = model
         self.hyper_model = hm

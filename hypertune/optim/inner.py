@@ -88,3 +88,27 @@ def clone_for_response(optimizer: torch.optim.Optimizer, params: list[nn.Paramet
             "pass response_optimizer=... built over model.response_parameters(); your optimizer "
             "was not changed"
         ) from err
+
+
+def doubled_decay_notice(optimizer: Any, decayed: list[nn.Parameter]) -> str | None:
+    """The notice for an optimizer that applies its own weight decay to weights a tuned
+    WeightDecay also penalizes: the tuned coefficient would act on top of a fixed one."""
+    ids = {id(p) for p in decayed}
+    rates: set[float] = set()
+    count = 0
+    for group in getattr(optimizer, "param_groups", []):
+        rate = group.get("weight_decay", 0.0)
+        if isinstance(rate, (int, float)) and rate > 0:
+            hit = sum(1 for p in group["params"] if id(p) in ids)
+            if hit:
+                count += hit
+                rates.add(float(rate))
+    if not count:
+        return None
+    return (
+        f"hypertune: {type(optimizer).__name__}'s own weight_decay ({', '.join(f'{r:g}' for r in sorted(rates))}) "
+        f"also applies to {count} parameter(s) the tuned WeightDecay penalizes, so the tuned coefficient acts "
+        "on top of a fixed decay; give those parameters weight_decay=0 in your optimizer to let hypertune "
+        "own the decay"
+    )
+

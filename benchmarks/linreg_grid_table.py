@@ -42,17 +42,19 @@ def cell(run: dict | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds to tabulate (default 0 1 2)")
     args = parser.parse_args()
+    seeds = args.seeds
     for hparam in ("input_dropout", "weight_decay"):
         print(f"\n{hparam} (target {TARGET[hparam]})\n")
-        header = "| data set | " + " | ".join(f"{d.name} s{s}" for d in args.dirs for s in SEEDS) + " |"
+        header = "| data set | " + " | ".join(f"{d.name} s{s}" for d in args.dirs for s in seeds) + " |"
         print(header)
-        print("|---|" + "---:|" * (len(args.dirs) * len(SEEDS)))
+        print("|---|" + "---:|" * (len(args.dirs) * len(seeds)))
         for dataset in DATASETS:
-            cells = [cell(load(d, dataset, hparam, s)) for d in args.dirs for s in SEEDS]
+            cells = [cell(load(d, dataset, hparam, s)) for d in args.dirs for s in seeds]
             print(f"| {dataset} | " + " | ".join(cells) + " |")
         for d in args.dirs:
-            runs = [r for r in (load(d, ds, hparam, s) for ds in DATASETS for s in SEEDS) if r is not None]
+            runs = [r for r in (load(d, ds, hparam, s) for ds in DATASETS for s in seeds) if r is not None]
             scored = [r for r in runs if not (hparam == "weight_decay" and on_bound(r))]
             met = sum(r["error"] <= TARGET[hparam] for r in scored)
             print(f"\n{d.name}: {met} of {len(scored)} within {TARGET[hparam]}"

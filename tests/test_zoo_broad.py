@@ -101,6 +101,9 @@ HF_CASES = {
  # RWKV keeps a state cache in eval mode that its backward cannot go through: val_step needs use_cache=False
  "rwkv": _builder("RwkvConfig", "RwkvForCausalLM", lambda: _no_cache(token_batch("lm")), vocab_size=100, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64, context_length=64),
  "zamba2": lm("Zamba2Config", "Zamba2ForCausalLM", vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mamba_d_state=8, mamba_headdim=8, n_mamba_heads=8, layers_block_type=["mamba", "hybrid"], num_key_value_heads=2, max_position_embeddings=64, attention_head_dim=16),
+ "glm": lm("GlmConfig", "GlmForCausalLM", vocab_size=100, pad_token_id=0, eos_token_id=2, max_position_embeddings=64, num_key_value_heads=1, head_dim=16, **tiny),
+ "longt5": _builder("LongT5Config", "LongT5ForConditionalGeneration", lambda: token_batch("seq2seq"), vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, local_radius=4),
+ "marian": lm("MarianConfig", "MarianForCausalLM", vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, decoder_start_token_id=0),
  "deepseek_v3": lm("DeepseekV3Config", "DeepseekV3ForCausalLM", vocab_size=100, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **tiny),
 }
 

@@ -4,7 +4,7 @@ The recipe (launch with ``accelerate launch --num_processes N train.py``, or one
 
     accelerator = Accelerator(mixed_precision="bf16")          # or "no", "fp16" (GPU)
     hm = ht.HyperModel.wrap(model, {...})
-    opt = torch.optim.AdamW(hm.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(hm.parameters(), lr=1e-3, weight_decay=0.0)  # a tuned WeightDecay owns the decay
     stn, model, train_loader, tune_loader = prepare(accelerator, hm, opt, train_loader, tune_loader)
     accumulation = GradientAccumulation(stn)                   # only for gradient accumulation
     tune = itertools.cycle(tune_loader)

@@ -209,7 +209,10 @@ class RidgePath:
 
     def __init__(self, X: np.ndarray, y: np.ndarray, diag: np.ndarray) -> None:
         self.n = X.shape[0]
-        self.scale = 1 / np.sqrt(diag)
+        # A feature constant on the training subset (Boston's binary CHAS at seed 3) is a zero
+        # column with no dropout penalty: its weight is undetermined, and the minimum-norm
+        # solution (the null-space rule below) sets it to 0. Scale it by 1 rather than 1/0.
+        self.scale = 1 / np.sqrt(np.where(diag > 0, diag, 1.0))
         Z = X * self.scale  # X D^{-1/2}
         self.eig, self.Q = np.linalg.eigh(Z.T @ Z)
         self.b = self.Q.T @ (Z.T @ y)
@@ -478,6 +481,9 @@ def run_one(
         "steps": out["steps"],
         # extras
         "val_loss_at_lambda": exact_val_loss(problem, hparam, out["lambda"]),
+        # λ averaged over the last quarter of the run (geometric mean for weight decay): the
+        # error of this average is the bias of λ's fixed point, without the end-of-run wander
+        "error_tail_mean": score(hparam, tail_mean(out["trace"], hparam), optimum.lam, optimum.on_bound),
         "sigma": out["sigma"],
         "diverged": out["diverged"],
         "lambda_exact_on_bound": optimum.on_bound,
@@ -492,6 +498,12 @@ def run_one(
         "cpu_seconds": cpu,
     }
     return result, out, optimum, problem
+
+
+def tail_mean(trace: np.ndarray, hparam: str, fraction: float = 0.25) -> float:
+    """Mean of λ over the last ``fraction`` of the steps, in ln c for weight decay."""
+    tail = trace[-max(1, int(len(trace) * fraction)):]
+    return float(np.exp(np.mean(np.log(tail)))) if hparam == "weight_decay" else float(np.mean(tail))
 
 
 def notice_bound(optimum: Optimum, hparam: str) -> None:

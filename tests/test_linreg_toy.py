@@ -172,6 +172,23 @@ def test_exact_optimum_is_the_minimum_of_the_validation_loss(hparam):
     assert abs(slope) < 1e-8
 
 
+@pytest.mark.parametrize("hparam", ["weight_decay", "input_dropout"])
+def test_a_feature_constant_on_the_training_subset_gets_weight_zero(hparam):
+    """A zero column (a binary feature that is constant in the subset) is undetermined; the
+    exact solver takes the minimum-norm solution, the same optimum as without the column."""
+    p = _synthetic()
+    X = p.X.copy()
+    X[:, 2] = 0.0
+    with_zero = lt.Problem("zero column", X, p.y, p.Xv, p.yv, split=0)
+    without = lt.Problem("dropped", np.delete(X, 2, axis=1), p.y, np.delete(p.Xv, 2, axis=1), p.yv, split=0)
+    a, b = lt.exact_optimum(with_zero, hparam), lt.exact_optimum(without, hparam)
+    assert math.isfinite(a.lam) and a.lam == pytest.approx(b.lam, rel=1e-9, abs=1e-12)
+    assert a.val_loss == pytest.approx(b.val_loss, rel=1e-12)
+    lam = a.lam if a.lam > 0 else 0.1
+    w = lt.RidgePath(X, p.y, lt.penalty_diag(X, hparam)).weights(lt.alpha_of(hparam, lam))
+    assert w[2] == 0.0 and np.isfinite(w).all()
+
+
 def test_dropout_and_weight_decay_optima_agree_on_standardized_data():
     """With unit-variance features diag(XᵀX/N) = I, so p*/(1-p*) = c*/2."""
     p = _synthetic()

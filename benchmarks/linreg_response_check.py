@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-val", type=int)
     parser.add_argument("--response-every", type=int)
     parser.add_argument("--init-scale", type=float)
+    parser.add_argument("--init", type=float, help="λ at step 0 (the toy's SETTINGS['init'] otherwise)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             settings[key] = getattr(args, key)
     if args.init_scale is not None:
         settings["init_scale"] = dict.fromkeys(lt.HPARAMS, args.init_scale)
+    if args.init is not None:
+        settings["init"] = dict(settings["init"], **{args.hparam: args.init})
     problem = lt.load_problem(args.data_dir, args.seed, settings["train_per_feature"], settings["n_val"])
     optimum = lt.exact_optimum(problem, args.hparam)
     rows: list[dict] = []

@@ -111,4 +111,3 @@ def doubled_decay_notice(optimizer: Any, decayed: list[nn.Parameter]) -> str | N
         "on top of a fixed decay; give those parameters weight_decay=0 in your optimizer to let hypertune "
         "own the decay"
     )
-

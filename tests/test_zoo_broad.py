@@ -12,7 +12,9 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
+import hypertune as ht
 from test_zoo import check_zoo_model, image_batch, token_batch
 
 tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -106,6 +108,33 @@ HF_CASES = {
  "marian": lm("MarianConfig", "MarianForCausalLM", vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, decoder_start_token_id=0),
  "deepseek_v3": lm("DeepseekV3Config", "DeepseekV3ForCausalLM", vocab_size=100, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **tiny),
 }
+
+
+def test_layerdrop_skipping_whole_layers_on_the_first_step_is_not_an_error():
+    """LayerDrop (BART's encoder/decoder_layerdrop, wav2vec2's layerdrop, 0.1 by default there)
+    skips whole layers in training, so the first step may call none of a layer's hyper-layers:
+    a notice, not a refusal, and λ still moves."""
+    T = pytest.importorskip("transformers")
+    from hypertune import WrapNotice
+    from test_zoo import _specs
+
+    cfg = T.BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                       encoder_layerdrop=0.9, decoder_layerdrop=0.9)
+    torch.manual_seed(0)
+    net = T.BartForConditionalGeneration(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ht.HyperModel.wrap(net, _specs(net))
+    inputs, target, loss_fn = token_batch("seq2seq")
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=1e-3))
+    before = model.hparams.unconstrained.detach().clone()
+    # at 0.9 per layer, some of the four layers is dropped on the first step for nearly any seed
+    with pytest.warns(WrapNotice, match=r"did not call hyper-layer\(s\) model\.(en|de)coder\.layers\.\d"):
+        result = opt.train_step(inputs, target, loss_fn)
+    assert not result.skipped and opt.train_steps == 1
+    assert opt.val_step(inputs, target, loss_fn).updated
+    assert (model.hparams.unconstrained.detach() != before).any()
 
 
 @pytest.mark.parametrize("name", sorted(HF_CASES))

@@ -557,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-val", type=int, help=f"override train steps per λ step ({SETTINGS['train_per_val']})")
     parser.add_argument("--tune-scales", action="store_true", help="tune σ (entropy bonus) instead of holding it")
     parser.add_argument("--init-scale", type=float, help=f"override σ0 for either hyperparameter ({SETTINGS['init_scale']})")
+    parser.add_argument("--hyper-lr", type=float, help=f"override λ's RMSprop rate ({SETTINGS['hyper_lr']})")
     parser.add_argument("--warmup-steps", type=int, help=f"override the warm-up before λ moves ({SETTINGS['warmup_steps']})")
     draws = parser.add_mutually_exclusive_group()
     draws.add_argument("--antithetic", action="store_true", help="ε, −ε on consecutive Θ steps (DeltaSTNOptimizer(antithetic=True))")
@@ -578,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         settings["antithetic"] = args.antithetic
     if args.warmup_steps is not None:
         settings["warmup_steps"] = args.warmup_steps
+    if args.hyper_lr is not None:
+        settings["hyper_lr"] = args.hyper_lr
 
     if args.figure:
         rows = make_figure(args.data_dir, args.hparam, args.seed, args.figure, settings)

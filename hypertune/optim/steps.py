@@ -109,9 +109,9 @@ def uncalled_error(hm: HyperModel, called: set[str], data_loss: Tensor) -> Hyper
     module read: tuning either would change nothing.
 
     A layer never called whose weights the loss does not depend on either is unused on this
-    batch (a head the forward skips, an expert no token was routed to): that is not an error,
-    its Θ learns from the data on the steps that call it, and a notice says so. A tied weight counts as
-    reached through any module that shares it.
+    batch (a head the forward skips, an expert no token was routed to, a layer LayerDrop
+    skipped): that is not an error, its Θ learns from the data on the steps that call it, and a
+    notice says so. A tied weight counts as reached through any module that shares it.
     """
     missing = hm.unreached_layers(called)
     used = graph_leaves(data_loss) if missing else set()
@@ -120,10 +120,10 @@ def uncalled_error(hm: HyperModel, called: set[str], data_loss: Tensor) -> Hyper
     unused = [path for path in missing if path not in bypassed]
     if unused:
         notice(
-            f"the first training step's forward did not call hyper-layer(s) {listing(unused)} and does "
-            "not use their weights (a branch this batch did not take, or a module the forward never "
-            "uses); their response learns from the data only on steps that call them. To tune without them, "
-            "wrap with exclude=[...]"
+            f"hypertune: the first training step's forward did not call hyper-layer(s) {listing(unused)} "
+            "and does not use their weights (a branch this batch did not take, a layer LayerDrop skipped, "
+            "or a module the forward never uses); their response learns from the data only on steps "
+            "that call them. To tune without them, wrap with exclude=[...]"
         )
     unread = hm.unread_hparams()
     problems = []

@@ -182,10 +182,7 @@ class HyperModel(nn.Module):
             if any(why not in ("excluded", "not selected by targets", surgery.FROZEN) for why in coverage.untuned.values()):
                 notice(f"hypertune: {coverage} (see HyperModel.coverage())")
         if any(isinstance(spec, DropoutRate) for spec in specs.values()):
-            fixed = [
-                f"{path} (p={m.dropout:g})" for path, m in installed.root.named_modules()
-                if attention_float_dropouts([m])
-            ]
+            fixed = [f"{path} (p={rate:g})" for path, rate in attention_float_dropouts(installed.root.named_modules())]
             if fixed:
                 notice(
                     f"hypertune: nn.MultiheadAttention keeps its attention dropout fixed in {listing(fixed)}: "
@@ -440,10 +437,7 @@ class HyperModel(nn.Module):
         seen: dict[int, nn.Parameter] = {}
         for penalty in self._penalties:
             if isinstance(penalty, WeightDecayPenalty):
-                for layer in penalty.layers:
-                    for p in layer.decayed_parameters(penalty.include_bias):
-                        seen.setdefault(id(p), p)
-                for p in penalty.plain:
+                for p in penalty.decayed_parameters():
                     seen.setdefault(id(p), p)
         return list(seen.values())
 

@@ -46,6 +46,10 @@ class WeightDecayPenalty:
                 plain.append(w)
         self.layers, self.plain = layers, plain
 
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        """The w₀ weights this penalty reaches, each once."""
+        return [p for layer in self.layers for p in layer.decayed_parameters(self.include_bias)] + self.plain
+
     def __call__(self, p: Perturbation) -> Tensor:
         sq: Tensor | None = None
         for layer in self.layers:

@@ -101,12 +101,12 @@ class DropoutRate(HParam):
             return Claim({})
         if not chosen:
             where = [s.path for s in sites.sites if is_dropout_site(s.module)]
-            floats = attention_float_dropouts(s.module for s in sites.sites)
+            floats = attention_float_dropouts((s.path, s.module) for s in sites.sites)
             sites.problems.append(
                 f"hparams[{name!r}] (DropoutRate) matches no dropout module; the model's dropout "
                 f"modules are {where or 'none'}: add nn.Dropout modules or fix targets"
                 + (
-                    f" (nn.MultiheadAttention's dropout={floats[0]:g} is a float argument, not a module, "
+                    f" (nn.MultiheadAttention's dropout={floats[0][1]:g} is a float argument, not a module, "
                     "so no spec can tune it)" if floats else ""
                 )
             )
@@ -136,10 +136,10 @@ class DropoutRate(HParam):
         return FixedDropout(model, list(paths), value, self.locked_dim)
 
 
-def attention_float_dropouts(modules: Iterable[nn.Module]) -> list[float]:
-    """The non-zero attention dropout rates that ``nn.MultiheadAttention`` keeps as a float
-    (``F.multi_head_attention_forward(dropout_p=...)``): no module holds them, so they stay fixed."""
-    return [m.dropout for m in modules if isinstance(m, nn.MultiheadAttention) and m.dropout > 0]
+def attention_float_dropouts(named: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, float]]:
+    """(path, rate) of each non-zero attention dropout that ``nn.MultiheadAttention`` keeps as a
+    float (``F.multi_head_attention_forward(dropout_p=...)``): no module holds it, so it stays fixed."""
+    return [(path, m.dropout) for path, m in named if isinstance(m, nn.MultiheadAttention) and m.dropout > 0]
 
 
 class FixedDropout(FixedForm):

@@ -104,9 +104,9 @@ def call_census(hm: HyperModel, active: bool) -> Iterator[set[str]]:
             h.remove()
 
 
-def uncalled_error(hm: HyperModel, called: set[str], data_loss: Tensor) -> HyperTuneError | None:
-    """Hyper-layers the forward bypassed while still using their weights, and hyperparameters no
-    module read: tuning either would change nothing.
+def census_error(hm: HyperModel, called: set[str], data_loss: Tensor) -> HyperTuneError | None:
+    """The first step's census: hyper-layers the forward bypassed while still using their weights,
+    and hyperparameters no module read, are an error (tuning either would change nothing).
 
     A layer never called whose weights the loss does not depend on either is unused on this
     batch (a head the forward skips, an expert no token was routed to, a layer LayerDrop
@@ -144,6 +144,11 @@ def uncalled_error(hm: HyperModel, called: set[str], data_loss: Tensor) -> Hyper
     if not problems:
         return None
     return HyperTuneError("; ".join(problems))
+
+
+def _inplace_error(err: BaseException) -> bool:
+    """PyTorch's "a tensor the backward needs was overwritten in place" (the fix depends on the pass)."""
+    return "modified by an inplace operation" in str(err)
 
 
 def graph_leaves(root: Tensor) -> set[int]:
@@ -277,7 +282,7 @@ def _checked_forward(
     with ctx.autocast_region(), call_census(hm, census) as called:
         out = ctx.model(*batch.args, **batch.kwargs)
         data_loss, total = objective(ctx, out, batch.target, loss_fn, point)
-    if census and (error := uncalled_error(hm, called, data_loss)) is not None:
+    if census and (error := census_error(hm, called, data_loss)) is not None:
         raise error
     _require_graph(data_loss, ctx.base_params)
     return data_loss, total
@@ -309,7 +314,7 @@ def response_part(ctx: StepContext, tx: StepTransaction, batch: Batch, loss_fn: 
             # "You must implement the jvp function ..."); RuntimeError: no backward of one.
             if not linearize:
                 raise
-            if "modified by an inplace operation" in str(err):
+            if _inplace_error(err):
                 raise HyperTuneError(
                     "an in-place op in the model's forward overwrote a tensor that the backward of "
                     f"Δ-STN's linearized Θ step needs ({err}). Make that op out of place (x += y -> "
@@ -382,7 +387,7 @@ def hyper_part(
         try:
             tx.backward("λ step", loss, total, ctx.hyper_params, [ctx.hyper_optimizer], snapshot=True)
         except RuntimeError as err:
-            if "modified by an inplace operation" not in str(err):
+            if not _inplace_error(err):
                 raise
             raise HyperTuneError(
                 "val_step differentiates the validation loss through the model's eval-mode forward, "

@@ -44,9 +44,18 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _first_tensor(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor | None:
+def _batch_tensor(args: Sequence[Any], kwargs: Mapping[str, Any], target: Any = None) -> Tensor | None:
+    """The input tensor whose leading dimension is the batch: the first one with a dimension,
+    unless the target's leading size disagrees with it and matches a later input's (a small
+    table or a scalar passed before the batch, e.g. ``{"temperature": t, "x": x}``)."""
     leaves = torch.utils._pytree.tree_leaves((list(args), dict(kwargs)))
-    return next((x for x in leaves if torch.is_tensor(x)), None)
+    batched = [x for x in leaves if torch.is_tensor(x) and x.dim() >= 1]
+    if not batched:
+        return None
+    first = batched[0]
+    if torch.is_tensor(target) and target.dim() >= 1 and target.shape[0] != first.shape[0]:
+        return next((x for x in batched if x.shape[0] == target.shape[0]), first)
+    return first
 
 
 _SEQUENCE_FIRST_KINDS = (
@@ -410,13 +419,14 @@ class HyperModel(nn.Module):
         tuning them would change nothing, so the optimizer's first step refuses them."""
         return [n for n in self._read_in_forward if n not in self._reads_seen]
 
-    def batch_rows(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> int:
-        """Number of examples in a batch: the leading dimension of its first tensor."""
-        x = _first_tensor(args, kwargs or {})
-        if x is None or x.dim() == 0:
+    def batch_rows(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None, target: Any = None) -> int:
+        """Number of examples in a batch: the leading dimension of its first input tensor that has
+        one (of a later one whose leading size is the target's, when the first's is not)."""
+        x = _batch_tensor(args, kwargs or {}, target)
+        if x is None:
             raise HyperTuneError(
                 "could not find a batched input tensor: pass the batch as a tensor (or a tuple/dict "
-                "of tensors whose first tensor has the batch dimension first)"
+                "of tensors, the batch dimension first)"
             )
         return x.shape[0]
 

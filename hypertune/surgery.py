@@ -284,7 +284,9 @@ def plan(
         raise WrapError(
             [
                 f"the model is wrapped in {type(model).__name__}: call HyperModel.wrap on the plain "
-                "module first, then wrap the HyperModel in DistributedDataParallel"
+                "module first (model.module), then build DDP from the HyperModel with "
+                "hypertune.distributed.prepare_ddp(hyper_model, **ddp_kwargs) (one process per GPU; "
+                "nn.DataParallel is not supported)"
             ]
         )
     problems: list[str] = []

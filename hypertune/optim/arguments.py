@@ -55,7 +55,7 @@ def argument_problems(
         problems.append(f"warmup_steps={warmup_steps!r} must be a non-negative int")
     if not (isinstance(response_every, int) and not isinstance(response_every, bool) and response_every >= 1):
         problems.append(f"response_every={response_every!r} must be an int >= 1")
-    if not (isinstance(response_fraction, (int, float)) and 0 < response_fraction <= 1):
+    if isinstance(response_fraction, bool) or not (isinstance(response_fraction, (int, float)) and 0 < response_fraction <= 1):
         problems.append(f"response_fraction={response_fraction!r} must lie in (0, 1]")
     if not isinstance(antithetic, bool):
         problems.append(f"antithetic={antithetic!r} must be True or False")
@@ -101,6 +101,30 @@ def _held(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+def layer_weights(hm: HyperModel) -> list[tuple[str, list[nn.Parameter]]]:
+    """Each hyper-layer's own w₀ weight matrices (not Θ, not biases)."""
+    theta = {id(p) for p in hm.response_parameters()}
+    out = []
+    for path, layer in hm.hyper_layers().items():
+        own = [p for p in layer.parameters() if id(p) not in theta and p.dim() >= 2]
+        if own:
+            out.append((path, own))
+    return out
+
+
+def frozen_layers(weights: list[tuple[str, list[nn.Parameter]]]) -> list[str]:
+    return [path for path, own in weights if not any(p.requires_grad for p in own)]
+
+
+def frozen_error(frozen: list[str]) -> str:
+    return (
+        f"hyper-layer(s) {frozen[:8]} were frozen (requires_grad=False) after wrapping: their "
+        "weights cannot follow a response, yet λ's gradient would count it. Freeze before "
+        "HyperModel.wrap (frozen modules then stay w₀: plain = model.unwrap(), freeze, "
+        "HyperModel.wrap(plain, ...), then build the optimizers again), or wrap with exclude=[...] them"
+    )
+
+
 def take_over_problems(
     hm: HyperModel,
     optimizer: torch.optim.Optimizer,
@@ -126,25 +150,28 @@ def take_over_problems(
         )
     held_ids = {id(p) for p in held}
     names = {id(p): n for n, p in hm.named_parameters()}
-    missing = [names.get(id(p), "?") for p in base if p.requires_grad and id(p) not in held_ids]
+    missing = [p for p in base if p.requires_grad and id(p) not in held_ids]
+    theta = {id(p) for p in response}
+    in_layers = {id(p) for layer in hm.hyper_layers().values() for p in layer.parameters() if id(p) not in theta}
     if missing:
+        # A hyper-layer's weights cannot simply be frozen now (the check below refuses that):
+        # its response would still count in λ's gradient.
+        wrapped = [names.get(id(p), "?") for p in missing if id(p) in in_layers]
+        freeze = (
+            "or, to train only part of the model, freeze the rest before wrapping: plain = "
+            "model.unwrap(), requires_grad_(False) on the frozen modules, then HyperModel.wrap(plain, ...) "
+            "(frozen modules stay w₀)"
+            if wrapped
+            else "or freeze them with requires_grad_(False)"
+        )
         problems.append(
             f"{len(missing)} trainable parameter(s) of the model are in no optimizer and would "
-            f"never train: {missing[:8]}; build the optimizer from model.parameters() "
-            "(or freeze them with requires_grad_(False))"
+            f"never train: {[names.get(id(p), '?') for p in missing][:8]}; build the optimizer from "
+            f"model.parameters(), {freeze}"
         )
-    theta = {id(p) for p in response}
-    frozen = []
-    for path, layer in hm.hyper_layers().items():
-        own = [p for p in layer.parameters() if id(p) not in theta and p.dim() >= 2]
-        if own and not any(p.requires_grad for p in own):
-            frozen.append(path)
+    frozen = frozen_layers(layer_weights(hm))
     if frozen:
-        problems.append(
-            f"hyper-layer(s) {frozen[:8]} were frozen (requires_grad=False) after wrapping: their "
-            "weights cannot follow a response, yet λ's gradient would count it. Freeze before "
-            "HyperModel.wrap (frozen modules then stay w₀), or wrap with exclude=[...] them"
-        )
+        problems.append(frozen_error(frozen))
     for name, opt, allowed, hint in (
         ("response_optimizer", response_optimizer, response, "model.response_parameters()"),
         ("hyper_optimizer", hyper_optimizer, hyper, "model.hyper_parameters()"),

@@ -14,7 +14,7 @@ the Θ steps' perturbations in :mod:`.noise`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,13 +28,16 @@ from ..linearize import needs_op_rewrites
 from ..model import HyperModel
 from ..notices import listing, notice
 from . import state as saved_state
-from .arguments import BYPASSING_DDP, Mode, NonFinite, argument_problems, placement, take_over_problems
+from .arguments import (
+    BYPASSING_DDP, Mode, NonFinite, argument_problems, frozen_error, frozen_layers, layer_weights, placement,
+    take_over_problems,
+)
 from .inner import (
-    DEFAULT_RESPONSE_LR, doubled_decay_notice, hyper_optimizer_for, reference_lr, response_optimizer_for, take_over,
+    DEFAULT_RESPONSE_LR, doubled_decay_notice, float16_notice, hyper_optimizer_for, reference_lr, response_optimizer_for, take_over,
 )
 from .noise import ResponseNoise
-from .steps import TRAIN_STEPS, Batch, LossFn, StepContext, hyper_part, mode as model_mode
-from .transaction import UNCHANGED, BufferTracker, StepTransaction, refusal
+from .steps import TRAIN_STEPS, Batch, LossFn, StepContext, hyper_part, mode as model_mode, scalar_loss
+from .transaction import UNCHANGED, BufferTracker, StepTransaction, refusal, unrestored_note
 
 _FORMAT = saved_state.FORMAT
 _VERSION = saved_state.VERSION
@@ -174,6 +177,8 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         take_over(optimizer, response + hyper)  # the only write to the user's objects
         if (doubled := doubled_decay_notice(optimizer, hm.decayed_parameters())) is not None:
             notice(doubled)
+        if (half := float16_notice(hm)) is not None:
+            notice(half)
 
         self.model = model
         self.hyper_model = hm
@@ -198,6 +203,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         )
         self._lr_reference = (reference_lr(optimizer.param_groups[0]), [float(g["lr"]) for g in response_optimizer.param_groups])
         self._buffers = BufferTracker(hm)
+        self._layer_weights = layer_weights(hm)  # re-checked each step: a layer frozen later
         # Step kinds that have committed once, with the placement they did it at (see
         # transaction.py: a first step, or the first after model.to(...), is fully snapshotted).
         self._proven: dict[str, tuple[Any, ...]] = {}
@@ -285,6 +291,8 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         self.__dict__.update(state)
         if "_noise" not in state:  # pickled before antithetic draws existed
             self._noise = self._ctx.noise = ResponseNoise(False)
+        if "_layer_weights" not in state:
+            self._layer_weights = layer_weights(self.hyper_model)
 
     @property
     def antithetic(self) -> bool:
@@ -309,7 +317,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             self.zero_grad()
             tx = self._transaction("train")
             self._noise.discard()  # a draw left by a refused step, or one that raised, is not this step's
-            with _Rollback(tx, "train_step"):
+            with _Rollback(tx, "train_step", self.zero_grad):
                 loss, response_loss = TRAIN_STEPS[self.mode](
                     self._ctx, tx, batch, loss_fn, census=self.train_steps == 0, response=response
                 )
@@ -334,10 +342,10 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             if self.train_steps < self.warmup_steps:
                 with torch.no_grad(), self._ctx.autocast_region():
                     out = self._ctx.local_model(*batch.args, **batch.kwargs)
-                    loss = loss_fn(out, batch.target)
+                    loss = scalar_loss(loss_fn(out, batch.target))
                 return StepResult(loss=float(loss), hparams=hm.hparam_values(), updated=False)
             tx = self._transaction("val")
-            with _Rollback(tx, "val_step"):
+            with _Rollback(tx, "val_step", self.zero_grad):
                 loss = hyper_part(self._ctx, tx, batch, loss_fn, self.tune_scales, self.entropy_weight)
                 taken, losses = self._finish(tx, "val_step", loss, None)
             if taken:
@@ -353,6 +361,9 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             )
         if self._ddp is None and _distributed.prepared_for_ddp(self.hyper_model):
             raise HyperTuneError(BYPASSING_DDP)
+        frozen = frozen_layers(self._layer_weights)
+        if frozen:
+            raise HyperTuneError(f"{frozen_error(frozen)}; {UNCHANGED}")
         checkpointed = self.hyper_model.checkpointed_modules() if what == "train_step" else []
         if checkpointed:
             raise HyperTuneError(
@@ -398,12 +409,17 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         if not problems:
             self._proven["train" if what == "train_step" else "val"] = self._placement()
             return True, losses
-        tx.rollback()
+        unrestored = tx.rollback()
         if self.nonfinite == "skip" or overflow_only:
             # With a GradScaler, overflowing scaled gradients are routine: skip, as it does.
             self.skipped_steps += 1
+            if unrestored:
+                notice(f"hypertune: {what} was skipped, {unrestored_note(unrestored)[len('hypertune: '):]}")
             return False, losses
-        raise refusal(problems, what)
+        err = refusal(problems, what)
+        if unrestored:
+            _add_note(err, unrestored_note(unrestored))
+        raise err
 
     def _record(self, kind: Literal["train", "val"], losses: tuple[float, float | None], taken: bool) -> StepResult:
         values, scales = self.hyper_model.hparams.values_and_scales()
@@ -413,7 +429,8 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
 
     def _follow_lr(self) -> None:
         """Scale Θ's learning rates with the user's schedule on their optimizer."""
-        base0, resp0 = self._lr_reference
+        captured, resp0 = self._lr_reference
+        base0 = reference_lr(self.optimizer.param_groups[0], captured)
         if not self._follows_lr or base0 == 0:
             return
         ratio = float(self.optimizer.param_groups[0]["lr"]) / base0
@@ -514,9 +531,10 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
 class _Rollback:
     """Puts a step back when anything in it raises, and says so on the error."""
 
-    def __init__(self, tx: StepTransaction, what: str) -> None:
+    def __init__(self, tx: StepTransaction, what: str, clear_grads: Callable[[], None]) -> None:
         self.tx = tx
         self.what = what
+        self.clear_grads = clear_grads  # a part that raised in its backward left partial gradients
 
     def __enter__(self) -> StepTransaction:
         return self.tx
@@ -525,9 +543,12 @@ class _Rollback:
         if err is None or self.tx.committed or isinstance(err, NonFiniteLossError):
             return
         undone = self.tx.can_undo_writes() or not self.tx.writing
-        self.tx.rollback()
+        unrestored = self.tx.rollback()
+        self.clear_grads()
         if undone:
             _add_note(err, f"hypertune: {self.what} was rolled back: {UNCHANGED}.")
+            if unrestored:
+                _add_note(err, unrestored_note(unrestored))
         else:
             _add_note(
                 err,

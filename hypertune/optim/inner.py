@@ -55,10 +55,32 @@ def rmsprop_eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(torch.float16).eps) if dtype == torch.float16 else 1e-8
 
 
-def reference_lr(group: Mapping[str, Any]) -> float:
-    """The learning rate Θ's follows relative to: a scheduler's ``initial_lr`` when one was
-    attached before (a warm-up that starts at lr 0 leaves ``lr`` 0 at build time), else ``lr``."""
-    return float(group.get("initial_lr", group["lr"]))
+def float16_notice(hm: HyperModel) -> str | None:
+    """A model converted with ``.half()`` keeps λ and its RMSprop state in float16, where a
+    hypergradient's square (about 1e-9 on a small MLP) is below the smallest subnormal (6e-8): the
+    running average stays 0 and each λ step is lr·g/ε, there about 30× smaller than in float32,
+    so λ barely moves, silently. bfloat16 has float32's range and tunes normally."""
+    if hm.hparams.unconstrained.dtype != torch.float16:
+        return None
+    return (
+        "hypertune: the model is float16 (.half()), so λ and its RMSprop state are float16 too, "
+        "where the squared hypergradient underflows to 0 and λ barely moves. Keep the model in "
+        "float32 and pass autocast=torch.float16, grad_scaler=torch.amp.GradScaler('cuda') to "
+        "DeltaSTNOptimizer (mixed precision), or convert it with .bfloat16() instead"
+    )
+
+
+def reference_lr(group: Mapping[str, Any], fallback: float | None = None) -> float:
+    """The learning rate Θ's follows relative to, read each step so that a scheduler attached
+    before or after the DeltaSTNOptimizer gives the same run: OneCycleLR's ``max_lr`` (its
+    nominal rate: ``initial_lr`` is max_lr / div_factor, which would push Θ's rate 25× above
+    ``response_lr`` at the peak), else a scheduler's ``initial_lr`` (a warm-up that starts at
+    lr 0 leaves ``lr`` 0), else ``fallback`` (the lr when the optimizer was built), else ``lr``."""
+    for key in ("max_lr", "initial_lr"):
+        value = group.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return float(group["lr"] if fallback is None else fallback)
 
 
 def take_over(optimizer: torch.optim.Optimizer, special: list[nn.Parameter]) -> None:

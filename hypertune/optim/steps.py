@@ -185,7 +185,7 @@ class Batch:
             args, kwargs = inputs, {}
         else:
             args, kwargs = (inputs,), {}
-        rows = hm.batch_rows(args, kwargs)
+        rows = hm.batch_rows(args, kwargs, target)
         if rows == 0:
             raise HyperTuneError("the batch is empty (0 rows): skip empty batches before the step")
         return cls(args, kwargs, target, rows)
@@ -231,24 +231,29 @@ class StepContext:
 
 def objective(ctx: StepContext, out: Any, target: Any, loss_fn: LossFn, point: Perturbation) -> tuple[Tensor, Tensor]:
     """(data loss, data loss + tuned training penalties)."""
-    data_loss = loss_fn(out, target)
-    if not torch.is_tensor(data_loss) or data_loss.dim() != 0:
-        raise HyperTuneError(
-            "loss_fn must return a scalar tensor (use reduction='mean'), got "
-            f"{type(data_loss).__name__}{tuple(data_loss.shape) if torch.is_tensor(data_loss) else ''}"
-        )
+    data_loss = scalar_loss(loss_fn(out, target))
     with autocast_disabled():  # ||w(δλ)||² in the weights' precision, not autocast's
         penalty = ctx.hyper_model.training_penalty(point)
     total = data_loss if penalty is None else data_loss + penalty.mean()
     return data_loss, total
 
 
-def _require_graph(data_loss: Tensor, params: Sequence[nn.Parameter]) -> None:
-    """A detached loss would train w₀ on the penalties alone, silently."""
+def scalar_loss(loss: Any) -> Tensor:
+    """``loss_fn``'s result, refused unless it is one number as a tensor (every step reads it so)."""
+    if not torch.is_tensor(loss) or loss.dim() != 0:
+        raise HyperTuneError(
+            "loss_fn must return a scalar tensor (use reduction='mean'), got "
+            f"{type(loss).__name__}{tuple(loss.shape) if torch.is_tensor(loss) else ''}"
+        )
+    return loss
+
+
+def _require_graph(data_loss: Tensor, params: Sequence[nn.Parameter], learner: str = "the weights") -> None:
+    """A detached loss would train w₀ on the penalties alone, silently (or give λ nothing)."""
     if not data_loss.requires_grad and any(p.requires_grad for p in params):
         raise HyperTuneError(
             "loss_fn's result does not depend on the model's output (it was detached, or built "
-            "from .item() or numpy), so the weights would get no gradient from the data: compute "
+            f"from .item() or numpy), so {learner} would get no gradient from the data: compute "
             "the loss from the output with torch operations"
         )
 
@@ -377,11 +382,14 @@ def hyper_part(
         with ctx.autocast_region():
             with hm.evaluated_at(point):
                 out = ctx.local_model(*batch.args, **batch.kwargs)
-            loss = loss_fn(out, batch.target)
-        if not torch.is_tensor(loss) or loss.dim() != 0:
+            loss = scalar_loss(loss_fn(out, batch.target))
+        if not loss.requires_grad:
+            if any(t.requires_grad for t in pytree.tree_leaves(out) if torch.is_tensor(t)):
+                _require_graph(loss, ctx.hyper_params, "the hyperparameters")
             raise HyperTuneError(
-                "loss_fn must return a scalar tensor (use reduction='mean'), got "
-                f"{type(loss).__name__}{tuple(loss.shape) if torch.is_tensor(loss) else ''}"
+                "the model's eval-mode output does not depend on the tuned hyperparameters (no "
+                "hyper-layer's response reached it), so val_step has nothing to differentiate: "
+                "check model.coverage() and that targets=/exclude= leave some layer wrapped"
             )
         total = loss - entropy_weight * hp.entropy() if tune_scales else loss
         try:

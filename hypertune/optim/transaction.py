@@ -119,6 +119,17 @@ class BufferTracker:
             if isinstance(m, nn.modules.batchnorm._NormBase):
                 for name in ("running_mean", "running_var", "num_batches_tracked"):
                     self.known[(id(m), name)] = (m, name)
+        self._slots: list[tuple[nn.Module, str]] | None = None
+
+    def slots(self, refresh: bool = False) -> list[tuple[nn.Module, str, Tensor]]:
+        """Every buffer slot's live tensor: a step records their identities and versions (cheap)
+        to put back a buffer the forward reassigned (``self.ema = 0.9 * self.ema + ...``) and to
+        learn writers it did not know. The slot list is walked again on ``refresh`` (full steps)."""
+        if self._slots is None or refresh:
+            self._slots = [
+                (m, name) for m in self.module.modules() for name, buf in m.named_buffers(recurse=False) if buf is not None
+            ]
+        return self._live(self._slots)
 
     def _live(self, slots: list[tuple[nn.Module, str]]) -> list[tuple[nn.Module, str, Tensor]]:
         out = []
@@ -152,7 +163,7 @@ class _Saved:
 
     rng: list[tuple[Callable[[Tensor], None], Tensor]] = field(default_factory=list)
     buffers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    versions: list[tuple[nn.Module, str, Tensor, int]] = field(default_factory=list)
+    versions: list[tuple[nn.Module, str, Tensor, int]] = field(default_factory=list)  # every buffer slot
     params: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
     optimizer_states: list[tuple[torch.optim.Optimizer, nn.Parameter, dict[str, Any] | None]] = field(
         default_factory=list
@@ -193,6 +204,7 @@ class StepTransaction:
         self._saved = _Saved()
         self.committed = False
         self.writing = False
+        self._unrestored: list[str] | None = None
 
     # ---- begin ---------------------------------------------------------------------------------
     def begin(self) -> StepTransaction:
@@ -206,8 +218,7 @@ class StepTransaction:
         buffers = self._tracker.buffers(every=self._full)
         with torch.no_grad():
             saved.buffers = [(b, b.detach().clone()) for _, _, b in buffers]
-        if self._full:
-            saved.versions = [(m, name, b, b._version) for m, name, b in buffers]
+        saved.versions = [(m, name, b, b._version) for m, name, b in self._tracker.slots(refresh=self._full)]
         return self
 
     # ---- parts ---------------------------------------------------------------------------------
@@ -221,10 +232,14 @@ class StepTransaction:
         *,
         snapshot: bool = False,
     ) -> Part:
-        """Backpropagate one part's objective; its gradients land in ``params``' ``.grad``."""
+        """Backpropagate one part's objective; its gradients land in ``params``' ``.grad`` and
+        nowhere else: an input that requires grad, or a target still carrying a graph (a teacher's
+        logits), gets no gradient from hypertune's passes, and its graph is not walked (or freed)."""
+        inputs = [p for p in params if p.requires_grad]
         try:
             with autocast_disabled():
-                (objective if self._scaler is None else self._scaler.scale(objective)).backward()
+                if inputs:
+                    (objective if self._scaler is None else self._scaler.scale(objective)).backward(inputs=inputs)
         except _CheckpointError as err:  # a checkpointed region recomputed without Θ / tangents
             raise HyperTuneError(
                 f"the {what}'s backward recomputed a region under activation (gradient) checkpointing "
@@ -317,19 +332,32 @@ class StepTransaction:
             return problems
         self.committed = True
         self._clear_grads()
-        if self._full:
-            self._tracker.learn(saved.versions)
+        self._tracker.learn(saved.versions)
         return []
 
     # ---- undo ----------------------------------------------------------------------------------
-    def rollback(self) -> None:
-        """Put back everything the step wrote: buffers, RNG, gradients, and snapshotted writes."""
+    def rollback(self) -> list[str]:
+        """Put back everything the step wrote: buffers, RNG, gradients, and snapshotted writes.
+
+        Returns the buffers the forward wrote in place that no snapshot covered (a writer seen for
+        the first time on a step that is not a full one): they could not be put back, and are
+        snapshotted from the next step on.
+        """
+        if self._unrestored is not None:  # already put back (commit found a bad write)
+            return self._unrestored
         saved = self._saved
+        snapshotted = {id(buf) for buf, _ in saved.buffers}
+        unrestored = [
+            (m, name) for m, name, buf, version in saved.versions if buf._version != version and id(buf) not in snapshotted
+        ]
         with torch.no_grad():
             for buf, value in saved.buffers:
                 buf.copy_(value)
             for p, value in saved.params:
                 p.copy_(value)
+        for m, name, buf, _ in saved.versions:  # a buffer the forward replaced: the old tensor back
+            if getattr(m, name, None) is not buf:
+                setattr(m, name, buf)
         for opt, p, state in saved.optimizer_states:
             if state is None:
                 opt.state.pop(p, None)
@@ -338,6 +366,10 @@ class StepTransaction:
         for set_state, value in saved.rng:
             set_state(value)
         self._clear_grads()
+        for m, name in unrestored:
+            self._tracker.known[(id(m), name)] = (m, name)
+        self._unrestored = sorted({_buffer_path(self._tracker.module, m, name) for m, name in unrestored})
+        return self._unrestored
 
     def can_undo_writes(self) -> bool:
         """Whether every part's optimizer writes were snapshotted (so a raise in ``step`` is undone)."""
@@ -347,6 +379,22 @@ class StepTransaction:
         for part in self.parts:
             for p in part.params:
                 p.grad = None
+
+
+def _buffer_path(root: nn.Module, module: nn.Module, name: str) -> str:
+    for path, m in root.named_modules():
+        if m is module:
+            return f"{path}.{name}" if path else name
+    return name
+
+
+def unrestored_note(paths: Sequence[str]) -> str:
+    """What a step that was put back could not restore (see :meth:`StepTransaction.rollback`)."""
+    return (
+        f"hypertune: except buffer(s) {list(paths)}, which the forward wrote in place for the first "
+        "time on this step and no snapshot covered: they keep this step's values (they are "
+        "snapshotted from now on)"
+    )
 
 
 def refusal(problems: Sequence[str], kind: str) -> NonFiniteLossError:

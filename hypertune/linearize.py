@@ -47,6 +47,10 @@ class _LinearizableOps(TorchFunctionMode):
     forward AD would return the loss's own first-order expansion, L(f) + ∇L·JΘε, which is linear
     in Θ and has none of the curvature Θ learns from. So ``F.cross_entropy`` and the other
     ``torch.nn.functional`` losses run on primal + tangent, as a plain tensor.
+    ``F.glu``'s tangent (``glu_jvp``) has no derivative either (Speech2Text's subsampler); it runs
+    as ``a · sigmoid(b)``. An op with no forward-AD formula inside ``torch.no_grad()`` (DETR's
+    Hungarian matcher calls ``cdist`` on the logits) runs on the primal values: no_grad already
+    cuts its derivative from the backward that trains Θ.
     The grouped matrix multiply of mixture-of-experts layers (``F.grouped_mm``, Mixtral's and
     Qwen-MoE's experts in transformers) has no forward-AD formula at all: with a tangent it runs
     as one matmul per group.
@@ -64,6 +68,8 @@ class _LinearizableOps(TorchFunctionMode):
             return _softmax_call(func, *args, **kwargs)
         if self.hardsigmoid and func is F.hardsigmoid:
             return F.relu6(args[0] + 3.0) / 6.0
+        if func is F.glu and args and fwAD.unpack_dual(args[0]).tangent is not None:
+            return _glu(*args, **kwargs)
         if func in _LOSSES:
             return _loss_at_linearized_output(func, args, kwargs)
         if func in _GROUPED_MM:
@@ -78,7 +84,18 @@ class _LinearizableOps(TorchFunctionMode):
             out = _affine_in_dual(kind, func, args, kwargs)
             if out is not None:
                 return out
-        return func(*args, **kwargs)
+        if torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except NotImplementedError:
+            # An op without a forward-AD formula inside torch.no_grad() (DETR's Hungarian matcher
+            # calls cdist on the logits): no_grad cuts its derivative for the backward that trains
+            # Θ, so its tangent is cut too and it runs on the primal values.
+            plain_args, plain_kwargs = pytree.tree_map(
+                lambda t: fwAD.unpack_dual(t).primal if torch.is_tensor(t) else t, (args, kwargs)
+            )
+            return func(*plain_args, **plain_kwargs)
 
 
 # Binary ops that are affine in one dual operand when the other has no tangent. Forward AD's own
@@ -126,6 +143,14 @@ def _affine_in_dual(kind: str, func: Callable[..., Any], args: tuple, kwargs: di
     else:  # a dual divisor: not affine
         return None
     return fwAD.make_dual(func(a_p, b_p, **kwargs), out_t)
+
+
+def _glu(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``F.glu`` as ``a · sigmoid(b)``: the same function, but torch computes glu's tangent with
+    ``glu_jvp``, which has no derivative ("derivative for aten::glu_jvp is not implemented";
+    Speech2Text's convolutional subsampler), so Θ's step could not backpropagate through it."""
+    a, b = input.chunk(2, dim=dim)
+    return a * torch.sigmoid(b)
 
 
 def _broadcasts_into(shape: torch.Size, target: torch.Size) -> bool:

@@ -44,18 +44,63 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _batch_tensor(args: Sequence[Any], kwargs: Mapping[str, Any], target: Any = None) -> Tensor | None:
-    """The input tensor whose leading dimension is the batch: the first one with a dimension,
-    unless the target's leading size disagrees with it and matches a later input's (a small
-    table or a scalar passed before the batch, e.g. ``{"temperature": t, "x": x}``)."""
-    leaves = torch.utils._pytree.tree_leaves((list(args), dict(kwargs)))
-    batched = [x for x in leaves if torch.is_tensor(x) and x.dim() >= 1]
-    if not batched:
+def _examples(value: Any) -> list[tuple[int, bool]]:
+    """Batch sizes ``value`` could carry, in order, each with whether it is a list's length: a
+    list of tensors may be a list of examples (the images of torchvision's detection models) or
+    a list of batched tensors, so both readings are offered; a tensor's leading axis is its
+    batch; containers are searched in order; 0-d tensors carry none."""
+    if torch.is_tensor(value):
+        return [(value.shape[0], False)] if value.dim() >= 1 else []
+    found: list[tuple[int, bool]] = []
+    if isinstance(value, list) and value and all(torch.is_tensor(v) for v in value):
+        found.append((len(value), True))
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        found += [c for v in value for c in _examples(v)]
+    return found
+
+
+def batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], target: Any = None) -> tuple[int, bool] | None:
+    """(number of examples, whether a list of tensors holds them one per entry).
+
+    The first reading of the inputs (:func:`_examples`), unless the target's size disagrees with
+    it and matches a later one: a small table or a batch-1 tensor before the batch
+    (``{"position_ids": (1, T), "input_ids": (B, T)}``), or images (3, H, W) in a list whose
+    targets are a list of one dict per image.
+    """
+    sizes = [c for value in (*args, *kwargs.values()) for c in _examples(value)]
+    if not sizes:
         return None
-    first = batched[0]
-    if torch.is_tensor(target) and target.dim() >= 1 and target.shape[0] != first.shape[0]:
-        return next((x for x in batched if x.shape[0] == target.shape[0]), first)
-    return first
+    wanted = None
+    if torch.is_tensor(target) and target.dim() >= 1:
+        wanted = target.shape[0]
+    elif isinstance(target, list) and target:
+        wanted = len(target)
+    if wanted is not None and sizes[0][0] != wanted:
+        return next((c for c in sizes if c[0] == wanted), sizes[0])
+    return sizes[0]
+
+
+def first_examples(tree: Any, rows: int, n: int, lists: bool, primal: bool = False) -> Any:
+    """``tree`` with its first ``n`` of ``rows`` examples: tensors whose leading axis is the batch
+    are cut, and so are lists with one entry per example (a list of dicts or strings of the
+    batch's length, or a list of tensors when those are the examples; their entries are kept
+    whole). ``primal``: cut tensors lose their forward-AD tangent."""
+
+    def example_list(value: Any) -> bool:
+        if not (isinstance(value, list) and len(value) == rows):
+            return False
+        return lists or not all(torch.is_tensor(v) for v in value)
+
+    def take(value: Any) -> Any:
+        if example_list(value):
+            return value[:n]
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == rows:
+            return (fwAD.unpack_dual(value).primal if primal else value)[:n]
+        return value
+
+    return torch.utils._pytree.tree_map(take, tree, is_leaf=example_list)
 
 
 _SEQUENCE_FIRST_KINDS = (
@@ -293,7 +338,9 @@ class HyperModel(nn.Module):
     def _forward_at_point(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         point = context.pinned_point(self) or self.current_point()
         if self._per_batch is None and self._sequence_first is not None and point.rows > 1:
-            self._fall_back_to_batch(self._sequence_first)
+            self._fall_back_to_batch(
+                self._sequence_first, "around it the batch is axis 1; build it with batch_first=True for per-example perturbation"
+            )
         if self._per_batch is not None:
             point.share_first_row()
         if self._guide is None and point.rows > 1 and self._per_batch is None:
@@ -313,7 +360,7 @@ class HyperModel(nn.Module):
             except BatchPerturbationNeeded as err:
                 if point.rows == 1:
                     raise
-                self._fall_back_to_batch(err.site)
+                self._fall_back_to_batch(err.site, str(err))
                 point.share_first_row()
             except RuntimeError:
                 # A batch-1 input (position ids, a positional table) gave a site one output row
@@ -321,7 +368,9 @@ class HyperModel(nn.Module):
                 grown = rows.grown_site()
                 if point.rows == 1 or self._layout_seen or grown is None:
                     raise
-                self._fall_back_to_batch(grown)
+                self._fall_back_to_batch(
+                    grown, "its batch-1 input (position ids, a table) gave one output per example, which the code after it did not expect"
+                )
                 point.share_first_row()
             else:
                 if point.rows > 1:
@@ -362,39 +411,54 @@ class HyperModel(nn.Module):
         A model that cannot run on one example gets an empty guide (the shape rules decide)."""
         n = point.rows
 
-        def first(t: Any) -> Any:
-            if torch.is_tensor(t) and t.dim() >= 1 and t.shape[0] == n:
-                return fwAD.unpack_dual(t).primal[:1]
-            return t
+        def probe(count: int) -> rows.Probe:
+            """The pass on the first ``count`` examples, all at example 0's perturbation."""
 
-        one_args, one_kwargs = torch.utils._pytree.tree_map(first, (args, kwargs))
-        one = Perturbation(
-            self.hparams,
-            point.hparams[:1].detach(),
-            None if point.response_input is None else fwAD.unpack_dual(point.response_input).primal[:1].detach(),
-        )
+            some_args, some_kwargs = first_examples((args, kwargs), n, count, lists, primal=True)
+            one = Perturbation(
+                self.hparams,
+                point.hparams[:1].detach(),
+                None if point.response_input is None else fwAD.unpack_dual(point.response_input).primal[:1].detach(),
+            )
+            with rows.recording() as recorded, context.active(one):
+                self.module(*some_args, **some_kwargs)
+            return recorded
+
+        def before(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            if inputs and torch.is_tensor(inputs[0]):
+                rows.recording_input(fwAD.unpack_dual(inputs[0]).primal)
+
+        lists = (batch_size(args, kwargs) or (n, False))[1]
+        # fingerprints of each site's input rows (not while compiling: hooks would break the graph)
+        sites = [] if torch.compiler.is_compiling() else [*self.hyper_layers().values(), *self._dropouts]
+        hooks = [m.register_forward_pre_hook(before) for m in sites]
+        hooks += [m.register_forward_hook(lambda *_: rows.recording_done()) for m in sites]
         flags = [(m, m.training) for m in self.modules()]
         self.eval()
+        alone: rows.Probe = rows.Probe()
+        pair = None
         try:
-            with rows.recording() as shapes, context.active(one):
-                self.module(*one_args, **one_kwargs)
+            alone = probe(1)
+            pair = probe(2)  # example 0 again, beside example 1: where its rows land in a batch
         except Exception:  # noqa: BLE001 - a probe only; the real pass reports real errors
-            shapes = {}
+            pass
         finally:
+            for h in hooks:
+                h.remove()
             for m, flag in flags:
                 m.training = flag
             for penalty in self._collectors:
                 penalty.outputs.clear()
-        return rows.LayoutGuide(probe=shapes)
+        return rows.LayoutGuide.from_probes(alone, pair)
 
-    def _fall_back_to_batch(self, site: str) -> None:
+    def _fall_back_to_batch(self, site: str, why: str | None = None) -> None:
         """Perturb the whole model per batch from now on: a site cannot carry per-example rows,
         and the Θ objective needs every site of one example at the same perturbation."""
         self._per_batch = site
+        reason = f" ({why})" if why else ""
         warnings.warn(
-            f"hypertune: {site} cannot take one perturbation per example, so the hyperparameters "
-            "are perturbed once per batch instead (correct, noisier); keep the batch dimension "
-            "first for per-example perturbation",
+            f"hypertune: {site} cannot take one perturbation per example{reason}, so the hyperparameters "
+            "are perturbed once per batch instead (correct, noisier)",
             stacklevel=3,
         )
 
@@ -421,14 +485,15 @@ class HyperModel(nn.Module):
 
     def batch_rows(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None, target: Any = None) -> int:
         """Number of examples in a batch: the leading dimension of its first input tensor that has
-        one (of a later one whose leading size is the target's, when the first's is not)."""
-        x = _batch_tensor(args, kwargs or {}, target)
-        if x is None:
+        one, or the length of a list of tensors (a later input's, when only that one agrees with
+        the target)."""
+        found = batch_size(args, kwargs or {}, target)
+        if found is None:
             raise HyperTuneError(
                 "could not find a batched input tensor: pass the batch as a tensor (or a tuple/dict "
-                "of tensors, the batch dimension first)"
+                "of tensors, the batch dimension first, or a list of one tensor per example)"
             )
-        return x.shape[0]
+        return found[0]
 
     @contextmanager
     def collecting_activations(self) -> Iterator[None]:

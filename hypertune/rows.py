@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from .errors import PerturbationError
@@ -76,18 +78,71 @@ class LayoutGuide:
     """
 
     probe: dict[str, list[Shape]] = field(default_factory=dict)
+    # sites whose input shapes differ between two examples probed alone: their rows are a
+    # data-dependent subset of the batch (tokens routed to an expert, unpadded tokens)
+    varies: set[str] = field(default_factory=set)
     # (site, call number in a pass) -> "dim0" | "dim1" | "grows"
     kinds: dict[tuple[str, int], str] = field(default_factory=dict)
     _calls: dict[str, int] = field(default_factory=dict)
+    _passes: int = 0
+
+    @classmethod
+    def from_probes(cls, one: Probe, pair: Probe | None) -> LayoutGuide:
+        """The guide from a pass on the batch's first example alone, checked against a pass on its
+        first two examples at the same perturbation (eval mode: example 0 computes the same in
+        both, unless its rows sit elsewhere in the pair's tensors or depend on the other example).
+
+        A site that sees two examples' rows as twice one example's, with example 0's rows first,
+        is batch-major. One whose pair shape is no layout of its one-example shape (a routed
+        expert that took 3 tokens of example 0 and 1 of example 1), or whose first rows are not
+        example 0's (experts that order tokens by routing slot), goes into ``varies``.
+        """
+        varies: set[str] = set()
+        if pair is not None:
+            for site in one.shapes.keys() | pair.shapes.keys():
+                alone, both = one.shapes.get(site, []), pair.shapes.get(site, [])
+                if len(alone) != len(both):
+                    varies.add(site)
+                    continue
+                for j, (a, b) in enumerate(zip(alone, both)):
+                    if a == b or len(a) != len(b):
+                        continue  # no batch axis (a table), or a layout the shape rules judge
+                    if len(a) >= 2 and a[1] == 1 and b[1] == 2 and a[0] == b[0] and a[2:] == b[2:]:
+                        continue  # sequence-first
+                    if b[0] != 2 * a[0] or b[1:] != a[1:]:
+                        varies.add(site)
+                        break
+                    fa, fb = one.prints.get((site, j)), pair.prints.get((site, j))
+                    if fa is not None and fb is not None and not _same_rows(fa, (fb[0][: a[0]], fb[1])):
+                        varies.add(site)
+                        break
+        return cls(probe=one.shapes, varies=varies)
 
     def start_pass(self) -> None:
         self._calls = {}
+        self._passes += 1
 
     def decide(self, where: str, shape: Shape, rows: int) -> RowLayout | None:
-        """The layout of this call, or ``None`` to let the shape rules decide."""
+        """The layout of this call, or ``None`` to let the shape rules decide.
+
+        A site whose shape differed between two examples, or, on the pass the probe was taken
+        for, whose shape on the batch is no layout of the one-example shape or that the batch
+        calls more often than one example did, sees a data-dependent subset of the batch's rows:
+        no rule can say which example a row is, and a guess (a row count that happens to divide
+        by B) would silently give rows another example's perturbation. Later passes (other
+        sizes) keep the layouts that pass found.
+        """
         j = self._calls.get(where, 0)
         self._calls[where] = j + 1
         seen = self.probe.get(where, [])
+        first = self._passes <= 1
+        if where in self.varies or (first and seen and j >= len(seen)):
+            raise BatchPerturbationNeeded(
+                where,
+                f"{where} sees a number of rows that depends on the data (it differs between examples, "
+                "as for tokens routed to an expert or unpadded tokens), so its rows cannot be assigned "
+                "to examples",
+            )
         if j < len(seen) and len(seen[j]) == len(shape):
             one = seen[j]
             if one == shape:
@@ -105,6 +160,13 @@ class LayoutGuide:
             if len(shape) >= 2 and one[1] == 1 and shape[1] == rows and shape[0] == one[0] and shape[2:] == one[2:]:
                 self.kinds[(where, j)] = "dim1"
                 return RowLayout(dim=1)
+            if first:
+                raise BatchPerturbationNeeded(
+                    where,
+                    f"{where} sees a tensor of shape {shape} for {rows} examples and {one} for one, which is "
+                    "no layout of the batch (its rows are a data-dependent subset, as for tokens routed to "
+                    "an expert), so its rows cannot be assigned to examples",
+                )
         kind = self.kinds.get((where, j))
         if kind == "dim0" and shape[0] % rows == 0:
             return RowLayout(repeat=shape[0] // rows)
@@ -115,7 +177,37 @@ class LayoutGuide:
         return None
 
 
-_recording: dict[str, list[Shape]] | None = None
+@dataclass
+class Probe:
+    """What a probe pass recorded: every site's input shapes, per call, and a fingerprint of each
+    call's input rows (the sum and the sum of squares of each leading-axis row, in float64)."""
+
+    shapes: dict[str, list[Shape]] = field(default_factory=dict)
+    prints: dict[tuple[str, int], tuple[Tensor, float]] = field(default_factory=dict)
+
+
+def fingerprint(x: Tensor) -> tuple[Tensor, float]:
+    """(each leading-axis row's sum and sum of squares in float64, the rounding of x's dtype)."""
+    rows = x.detach().reshape(x.shape[0], -1).double()
+    eps = float(torch.finfo(x.dtype).eps) if x.is_floating_point() else 0.0
+    return torch.stack([rows.sum(1), rows.pow(2).sum(1)], 1), eps
+
+
+def _same_rows(a: tuple[Tensor, float], b: tuple[Tensor, float]) -> bool:
+    """Fingerprints equal up to the rounding a batched kernel may add: 1e-3 relative, or 16
+    units of the inputs' precision (bfloat16 and float16 models)."""
+    (x, eps), (y, _) = a, b
+    if x.shape != y.shape:
+        return False
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        return True  # a non-finite batch (refused later) says nothing about the layout
+    rtol = max(1e-3, 16 * eps)
+    return bool(torch.allclose(x, y, rtol=rtol, atol=1e-6 + rtol * 0.1 * float(x.abs().max())))
+
+
+_recording: Probe | None = None
+# the input of the site whose forward is running in a probe pass: (shape, fingerprint)
+_pending: list[tuple[Shape, tuple[Tensor, float]]] = []
 _guide: LayoutGuide | None = None
 # the first site of the current guided pass whose batch-1 input gave it one output per example
 _grown: list[str] = []
@@ -135,20 +227,35 @@ def _grows(where: str) -> RowLayout:
 
 
 @contextmanager
-def recording() -> Iterator[dict[str, list[Shape]]]:
-    """Record every site's input shape during a pass (the probe pass of a :class:`LayoutGuide`)."""
+def recording() -> Iterator[Probe]:
+    """Record every site's input shapes during a pass (the probe passes of a :class:`LayoutGuide`)."""
     global _recording
-    previous, _recording = _recording, {}
+    previous, _recording = _recording, Probe()
     try:
         yield _recording
     finally:
         _recording = previous
+        _pending.clear()
+
+
+def recording_input(x: Any) -> None:
+    """A site's forward starts on ``x`` (a module pre-hook during probe passes): the notes its
+    forward makes for an input of this shape carry ``x``'s fingerprint."""
+    if _recording is not None and torch.is_tensor(x) and x.dim() >= 1:
+        _pending[:] = [(tuple(x.shape), fingerprint(x))]
+
+
+def recording_done() -> None:
+    _pending.clear()
 
 
 def note(where: str, shape: Shape | list[int]) -> None:
     """Record a site's input shape in a probe pass (a site that is idle in eval mode calls it)."""
     if _recording is not None:
-        _recording.setdefault(where, []).append(tuple(shape))
+        calls = _recording.shapes.setdefault(where, [])
+        calls.append(tuple(shape))
+        if _pending and _pending[0][0] == tuple(shape):
+            _recording.prints[(where, len(calls) - 1)] = _pending[0][1]
 
 
 @contextmanager

@@ -359,3 +359,118 @@ def test_code_that_relies_on_a_batch_of_one_falls_back_to_per_batch(mode):
         assert not opt.train_step(x, y, F.cross_entropy).skipped
     assert opt.val_step(x, y, F.cross_entropy).updated
     assert model.perturbed_per_batch == "HyperLinear 'pos'"
+
+
+# ---- sites that see a data-dependent subset of the batch's rows --------------------------------------
+class RoutedExpert(nn.Module):
+    """A mixture-of-experts layer with one nn.Linear per expert: each expert sees only the tokens
+    routed to it, gathered from the whole batch. ``slot_major`` orders a top-2 expert's tokens by
+    routing slot first (as NLLB-MoE's torch.where over (slot, token) does), so even when every
+    example routes the same number of tokens, the rows are not batch-major."""
+
+    def __init__(self, slot_major: bool) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.expert = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        self.slot_major = slot_major
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, 4)
+        h = self.inp(x)
+        flat = h.reshape(-1, h.shape[-1])
+        if self.slot_major:  # every token goes to the expert twice (two slots), slot-major
+            tokens = torch.arange(flat.shape[0])
+            routed = torch.cat([tokens, tokens])
+            update = torch.zeros_like(flat).index_add(0, routed, self.expert(flat[routed]))
+            return self.head((flat + update).reshape(h.shape)).mean(1)
+        chosen = x.reshape(-1, 4)[:, 0] > 0
+        out = flat.clone()
+        out[chosen] = flat[chosen] + self.expert(flat[chosen])
+        return self.head(out.reshape(h.shape)).mean(1)
+
+
+def _routed_input(slot_major: bool) -> torch.Tensor:
+    x = torch.randn(2, 4, 4, dtype=torch.float64)
+    if not slot_major:  # example 0 routes 3 tokens, example 1 routes 1: 4 = 2·2 rows, not 2·3
+        x[0, :, 0] = torch.tensor([1.0, 1.0, 1.0, -1.0])
+        x[1, :, 0] = torch.tensor([1.0, -1.0, -1.0, -1.0])
+    return x
+
+
+@pytest.mark.parametrize("slot_major", [False, True])
+def test_a_routed_expert_falls_back_to_per_batch_instead_of_taking_another_examples_row(slot_major):
+    """Before, both layouts were read as batch-major (the row count divides by B) and example 0's
+    tokens got example 1's perturbation with no warning; the second even has rows that scale exactly."""
+    torch.manual_seed(0)
+    model = ht.HyperModel.wrap(RoutedExpert(slot_major).double(), {"wd": ht.WeightDecay()}).eval()
+    with torch.no_grad():
+        for p in model.response_parameters():
+            p.normal_()
+    x = _routed_input(slot_major)
+    lam = model.hparams.unconstrained.detach().unsqueeze(0)
+    delta = torch.tensor([[2.0], [-2.0]], dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"HyperLinear 'expert' cannot take one perturbation per example \(.*depend"):
+        with torch.no_grad(), model.evaluated_at(Perturbation(model.hparams, lam + delta, delta)):
+            out = model(x)
+    assert model.perturbed_per_batch == "HyperLinear 'expert'"
+    # per batch: every example at row 0's perturbation, exactly as each alone at row 0
+    for i in range(2):
+        with torch.no_grad(), model.evaluated_at(Perturbation(model.hparams, lam + delta[:1], delta[:1])):
+            torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1]), rtol=1e-10, atol=1e-12)
+
+
+def test_a_guide_built_from_probes_names_the_sites_whose_rows_are_not_batch_major():
+    from hypertune.rows import Probe, fingerprint
+
+    a = torch.randn(3, 8, dtype=torch.float64)
+    b = torch.randn(3, 8, dtype=torch.float64)
+    one = Probe({"ok": [(3, 8)], "mixed": [(3, 8)], "count": [(3, 8)], "table": [(5, 5)]})
+    one.prints = {("ok", 0): fingerprint(a), ("mixed", 0): fingerprint(a)}
+    pair = Probe({"ok": [(6, 8)], "mixed": [(6, 8)], "count": [(4, 8)], "table": [(5, 5)]})
+    pair.prints = {("ok", 0): fingerprint(torch.cat([a, b])), ("mixed", 0): fingerprint(torch.cat([a[:1], b[:1], a[1:], b[1:]]))}
+    guide = LayoutGuide.from_probes(one, pair)
+    assert guide.varies == {"mixed", "count"}
+    guide.start_pass()
+    assert guide.decide("ok", (12, 8), 4) == RowLayout(repeat=3)
+    with pytest.raises(BatchPerturbationNeeded, match="depends on the data"):
+        guide.decide("mixed", (12, 8), 4)
+
+
+# ---- a batch given as a list of examples (torchvision detection) --------------------------------------
+class ListOfImages(nn.Module):
+    """Takes a list of (3, H, W) images, as torchvision's detection models do, and stacks them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, images: list[torch.Tensor], labels: list[dict] | None = None) -> torch.Tensor:
+        h = self.drop(self.conv(torch.stack(images))).mean((2, 3))
+        out = self.head(h)
+        if labels is not None:
+            assert len(labels) == len(images)
+        return out
+
+
+def test_a_list_of_images_is_a_batch_of_that_many_examples_and_response_fraction_cuts_lists():
+    torch.manual_seed(0)
+    model = ht.HyperModel.wrap(ListOfImages(), {"dropout": ht.DropoutRate(), "wd": ht.WeightDecay()})
+    images = [torch.randn(3, 5, 5) for _ in range(4)]  # 3 channels: the old reading took 3 examples
+    labels = [{"boxes": torch.randn(3, 4), "label": torch.tensor(i % 2)} for i in range(4)]
+    y = torch.tensor([0, 1, 1, 0])
+    assert model.batch_rows((images,)) == 4
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), response_fraction=0.5, warmup_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for _ in range(2):
+            assert not opt.train_step((images, labels), y, F.cross_entropy).skipped
+            assert opt.val_step((images, labels), y, F.cross_entropy).updated
+    assert model.perturbed_per_batch is None
+    from hypertune.optim.steps import Batch
+
+    half = Batch.of(model, (images, labels), y).first(2)
+    assert len(half.args[0]) == 2 and half.args[0][0].shape == (3, 5, 5)  # images kept whole
+    assert len(half.args[1]) == 2 and half.args[1][0]["boxes"].shape == (3, 4)  # one dict per example
+    assert half.target.shape == (2,)

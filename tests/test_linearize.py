@@ -502,3 +502,70 @@ def test_an_apply_stored_before_the_step_is_refused_with_both_fixes():
     with pytest.raises(ht.HyperTuneError, match=r"call apply in the forward\). Use mode='centered'"):
         opt.train_step(torch.randn(4, 5), torch.randint(0, 3, (4,)), F.cross_entropy)
     assert opt.train_steps == 0
+
+
+class _GatedConv(nn.Module):
+    """Speech2Text's subsampler: a convolution whose channels are halved by F.glu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.glu(self.conv(x), dim=1).mean(-1))
+
+
+def test_glu_is_linearized_exactly_and_its_tangent_can_be_backpropagated():
+    """torch's glu tangent (glu_jvp) has no derivative, so Δ-STN's Θ step failed on it."""
+    from hypertune.linearize import _LinearizableOps
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 10, 3, dtype=torch.float64)
+    t = torch.randn(4, 10, 3, dtype=torch.float64, requires_grad=True)
+    with fwAD.dual_level():
+        ours = fwAD.unpack_dual(_call_under(_LinearizableOps(hardsigmoid=False), F.glu, fwAD.make_dual(x, t), 1))
+        theirs = fwAD.unpack_dual(F.glu(fwAD.make_dual(x, t.detach()), 1))
+    torch.testing.assert_close(ours.primal, theirs.primal, rtol=0, atol=1e-15)
+    torch.testing.assert_close(ours.tangent, theirs.tangent, rtol=1e-12, atol=1e-15)
+    ours.tangent.sum().backward()  # torch's own raises "derivative for aten::glu_jvp is not implemented"
+    assert t.grad is not None and torch.isfinite(t.grad).all()
+    model = ht.HyperModel.wrap(_GatedConv().double(), {"wd": ht.WeightDecay()})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0)
+    xs, y = torch.randn(6, 3, 5, dtype=torch.float64), torch.randint(0, 2, (6,))
+    assert opt.train_step(xs, y, F.cross_entropy).response_loss is not None
+    assert opt.val_step(xs, y, F.cross_entropy).updated
+
+
+def _call_under(mode, fn, *args):
+    with mode:
+        return fn(*args)
+
+
+class _MatchedInNoGrad(nn.Module):
+    """A loss that, like DETR's Hungarian matcher, computes a cost with cdist under no_grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.proj(x)
+        with torch.no_grad():
+            cost = torch.cdist(out, out.flip(0))  # forward AD has no formula for _cdist_forward
+            order = cost.argmin(-1)
+        return out[order]
+
+
+def test_an_op_without_forward_ad_inside_no_grad_runs_on_the_primal():
+    torch.manual_seed(0)
+    model = ht.HyperModel.wrap(_MatchedInNoGrad().double(), {"wd": ht.WeightDecay()})
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    result = opt.train_step(x, x, F.mse_loss)
+    assert result.response_loss is not None and not result.skipped
+    # outside no_grad the same op is still refused, with the fix
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError):
+            torch.cdist(dual, dual)

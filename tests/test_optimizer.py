@@ -325,8 +325,9 @@ def test_response_every_skips_theta_steps_and_fraction_takes_leading_rows():
     theta = [p.detach().clone() for p in model.response_parameters()]
     r0 = opt.train_step(*_batch(0, n=32), loss_fn)
     # The w₀ part sees the whole batch, the Θ part its leading quarter (the first perturbed pass
-    # is preceded by the one-example layout probe, hypertune.rows.LayoutGuide: one row, no loss).
-    assert seen == [(32, 32), (8, 8)] and rows == [32, 1, 8] and r0.response_loss is not None
+    # is preceded by the layout probes of hypertune.rows.LayoutGuide: the first example alone,
+    # then the first two, no loss).
+    assert seen == [(32, 32), (8, 8)] and rows == [32, 1, 2, 8] and r0.response_loss is not None
     theta1 = [p.detach().clone() for p in model.response_parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(theta, theta1))
     r1 = opt.train_step(*_batch(1, n=32), loss_fn)

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from ..context import Perturbation
 from ..errors import HyperTuneError
 from ..linearize import linearized_call
-from ..model import HyperModel
+from ..model import HyperModel, batch_size, first_examples
 from ..notices import listing, notice
 from .noise import ResponseNoise
 from .transaction import StepTransaction, autocast_disabled
@@ -175,6 +175,7 @@ class Batch:
     kwargs: dict[str, Any]
     target: Any
     rows: int
+    list_examples: bool = False  # the examples are the entries of lists (detection images)
 
     @classmethod
     def of(cls, hm: HyperModel, inputs: Any, target: Any) -> Batch:
@@ -185,24 +186,20 @@ class Batch:
             args, kwargs = inputs, {}
         else:
             args, kwargs = (inputs,), {}
-        rows = hm.batch_rows(args, kwargs, target)
+        found = batch_size(args, kwargs, target)
+        if found is None:
+            hm.batch_rows(args, kwargs, target)  # raises its error
+        rows, lists = found  # type: ignore[misc]
         if rows == 0:
             raise HyperTuneError("the batch is empty (0 rows): skip empty batches before the step")
-        return cls(args, kwargs, target, rows)
+        return cls(args, kwargs, target, rows, lists)
 
     def first(self, n: int) -> Batch:
         """The first ``n`` examples of every batched tensor (others unchanged)."""
         if n == self.rows:
             return self
-        rows = self.rows
-
-        def take(t: Any) -> Any:
-            if torch.is_tensor(t) and t.dim() >= 1 and t.shape[0] == rows:
-                return t[:n]
-            return t
-
-        args, kwargs, target = pytree.tree_map(take, (self.args, self.kwargs, self.target))
-        return Batch(args, kwargs, target, n)
+        args, kwargs, target = first_examples((self.args, self.kwargs, self.target), self.rows, n, self.list_examples)
+        return Batch(args, kwargs, target, n, self.list_examples)
 
 
 # ---- what the step functions work on -------------------------------------------------------------

@@ -45,10 +45,10 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
 
 
 def _examples(value: Any) -> list[tuple[int, bool]]:
-    """Batch sizes ``value`` could carry, in order, each with whether it is a list's length: a
-    list of tensors may be a list of examples (the images of torchvision's detection models) or
-    a list of batched tensors, so both readings are offered; a tensor's leading axis is its
-    batch; containers are searched in order; 0-d tensors carry none."""
+    """Batch sizes ``value`` could carry, in order, each with whether it is a list's length (a
+    list of tensors may be a list of examples, as the images of torchvision's detection models,
+    or a list of batched tensors); a tensor's leading axis is its batch; containers are searched
+    in order; 0-d tensors carry none."""
     if torch.is_tensor(value):
         return [(value.shape[0], False)] if value.dim() >= 1 else []
     found: list[tuple[int, bool]] = []
@@ -61,22 +61,55 @@ def _examples(value: Any) -> list[tuple[int, bool]]:
     return found
 
 
+def _per_example_lists(value: Any) -> list[int]:
+    """Lengths of lists whose entries are not tensors (one annotation dict per image)."""
+    if isinstance(value, list) and value and not any(torch.is_tensor(v) for v in value):
+        return [len(value)]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _per_example_lists(v)]
+    return []
+
+
+def _tensor_lists(value: Any) -> list[list[Tensor]]:
+    if isinstance(value, list) and value and all(torch.is_tensor(v) for v in value):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensor_lists(v)]
+    return []
+
+
 def batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], target: Any = None) -> tuple[int, bool] | None:
     """(number of examples, whether a list of tensors holds them one per entry).
 
-    The first reading of the inputs (:func:`_examples`), unless the target's size disagrees with
-    it and matches a later one: a small table or a batch-1 tensor before the batch
-    (``{"position_ids": (1, T), "input_ids": (B, T)}``), or images (3, H, W) in a list whose
-    targets are a list of one dict per image.
+    A list of tensors is read as the examples only where something says so: its tensors'
+    leading sizes differ (so they are no batch), or the target, or another input, is a list of
+    per-example annotations of its length (torchvision detection's images and targets);
+    otherwise its tensors' leading axis is the batch, as for any tensor. Then the first reading
+    of the inputs, unless the target's size disagrees with it and matches a later one: a small
+    table or a batch-1 tensor before the batch (``{"position_ids": (1, T), "input_ids": (B, T)}``).
     """
-    sizes = [c for value in (*args, *kwargs.values()) for c in _examples(value)]
-    if not sizes:
-        return None
+    values = (*args, *kwargs.values())
     wanted = None
     if torch.is_tensor(target) and target.dim() >= 1:
         wanted = target.shape[0]
     elif isinstance(target, list) and target:
         wanted = len(target)
+    annotated = {n for value in values for n in _per_example_lists(value)}
+    if wanted is not None:
+        annotated.add(wanted)
+    examples = {
+        len(tensors)
+        for value in values
+        for tensors in _tensor_lists(value)
+        if len(tensors) in annotated or len({t.shape[0] if t.dim() else None for t in tensors}) > 1
+    }
+    sizes = [c for value in values for c in _examples(value) if not c[1] or c[0] in examples]
+    if not sizes:
+        return None
     if wanted is not None and sizes[0][0] != wanted:
         return next((c for c in sizes if c[0] == wanted), sizes[0])
     return sizes[0]

@@ -460,7 +460,11 @@ def test_a_list_of_images_is_a_batch_of_that_many_examples_and_response_fraction
     images = [torch.randn(3, 5, 5) for _ in range(4)]  # 3 channels: the old reading took 3 examples
     labels = [{"boxes": torch.randn(3, 4), "label": torch.tensor(i % 2)} for i in range(4)]
     y = torch.tensor([0, 1, 1, 0])
-    assert model.batch_rows((images,)) == 4
+    assert model.batch_rows((images, labels)) == 4  # one label dict per image: the list is the batch
+    assert model.batch_rows((images,), None, y) == 4  # a target of the list's length says so too
+    # a list of tensors that share a batch (a multi-input model) keeps their leading axis
+    assert model.batch_rows(([torch.randn(6, 2), torch.randn(6, 5)],), None, torch.zeros(6)) == 6
+    assert model.batch_rows(([torch.randn(6, 2), torch.randn(6, 5)],)) == 6
     opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), response_fraction=0.5, warmup_steps=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -57,6 +57,37 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _int_at_least(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {least}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def output_dir(text: str) -> Path:
+    """``--out``: created and checked before training, so a bad path cannot cost a finished run."""
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot write to {text!r}: {err.strerror or err}") from None
+    return path
+
+
 def base_parser(
     description: str,
     *,
@@ -72,13 +103,13 @@ def base_parser(
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-root", type=Path, default=default_data_root(),
                    help="folder holding the dataset (torchvision layout); downloaded there if missing")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--epochs", type=positive_int, default=epochs)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
     p.add_argument("--device", default=default_device())
     p.add_argument("--mode", choices=["delta", "centered", "stn"], default="delta",
                    help="Δ-STN (delta), centered STN without linearization, or the original STN")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=output_dir, default=None,
                    help="folder for schedule.csv, schedule.png, epochs.csv and metrics.json")
     p.add_argument("--untuned", action="store_true",
                    help="train the same model with the same loop, hyperparameters fixed at their starting values")
@@ -98,10 +129,10 @@ def base_parser(
                    help="tune σ with the entropy bonus, inside [0.1, 4]·σ₀ (the library holds σ at σ₀)")
     p.add_argument("--response-every", type=int, default=None,
                    help="Θ step on every k-th train step (default: the library's, 3)")
-    p.add_argument("--warmup-epochs", type=int, default=warmup_epochs,
+    p.add_argument("--warmup-epochs", type=non_negative_int, default=warmup_epochs,
                    help="epochs of weight training before λ starts moving")
-    p.add_argument("--train-steps", type=int, default=train_steps, help="T_train: train steps per val step")
-    p.add_argument("--val-steps", type=int, default=val_steps, help="T_valid: val steps after each T_train")
+    p.add_argument("--train-steps", type=positive_int, default=train_steps, help="T_train: train steps per val step")
+    p.add_argument("--val-steps", type=positive_int, default=val_steps, help="T_valid: val steps after each T_train")
     p.add_argument("--val-fraction", type=float, default=val_fraction,
                    help="fraction of the training set held out for validation (test set untouched)")
     p.add_argument("--train-subset", type=int, default=None,

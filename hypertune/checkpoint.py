@@ -43,6 +43,7 @@ from torch import nn
 from .distributed import _inner_hyper_model
 from .errors import StateDictError
 from .model import HyperModel
+from .optim.state import spec_problems, spec_signature
 
 __all__ = ["save", "load", "fingerprint", "FORMAT", "VERSION"]
 
@@ -207,6 +208,7 @@ def _payload(
         "torch_version": str(torch.__version__),
         "fingerprint": fp,
         "digest": _digest(fp),
+        "specs": spec_signature(hm.hparams.specs),
         "model": hm.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "optimizer_class": None if optimizer is None else type(optimizer).__name__,
@@ -260,7 +262,8 @@ def _check(ck: Any, path: str, hm: HyperModel, optimizer: Any, schedulers: Seque
             f"{_digest(fp)}): " + "; ".join(problems) + ". Wrap the same model with the same "
             "hyperparameters before loading; nothing was loaded"
         )
-    problems = _model_problems(ck.get("model"), hm)
+    problems = spec_problems(ck.get("specs"), spec_signature(hm.hparams.specs))
+    problems += _model_problems(ck.get("model"), hm)
     saved_opt = ck.get("optimizer")
     if optimizer is not None:
         problems += _optimizer_problems(saved_opt, ck.get("optimizer_class"), optimizer)
@@ -272,6 +275,7 @@ def _check(ck: Any, path: str, hm: HyperModel, optimizer: Any, schedulers: Seque
             f"it holds schedulers {classes}, given {[type(s).__name__ for s in schedulers]}; "
             "pass the same schedulers in the same order"
         )
+    problems = list(dict.fromkeys(problems))  # a spec differs in the checkpoint and in its optimizer state
     if problems:
         if len(problems) == 1:
             raise StateDictError(f"{where}: {problems[0]}; nothing was loaded")
@@ -358,6 +362,11 @@ def load(
     """
     hm = _inner_hyper_model(model)
     path = os.fspath(path)
+    if hm.hparams.unconstrained.is_meta:
+        raise StateDictError(
+            f"the model is on the meta device, where a checkpoint has nowhere to go: call "
+            f"hyper_model.to_empty(device=...) before loading {path!r}; nothing was loaded"
+        )
     if map_location is None:
         map_location = hm.hparams.unconstrained.device
     try:

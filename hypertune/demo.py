@@ -62,12 +62,22 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int, gen: torch.Generator):
         yield x[idx], y[idx]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--epochs", type=_positive_int, default=150)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--val-batch-size", type=int, default=32,
+    parser.add_argument("--batch-size", type=_positive_int, default=32)
+    parser.add_argument("--val-batch-size", type=_positive_int, default=32,
                         help="validation examples per λ step (a larger batch: a less noisy λ step)")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
@@ -75,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                              "settled weights, so the final comparison is not one epoch's SGD noise")
     parser.add_argument("--init-scale", type=float, default=None,
                         help="σ₀ of every hyperparameter (default: each kind's own)")
-    parser.add_argument("--print-every", type=int, default=10)
+    parser.add_argument("--print-every", type=_positive_int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     torch.manual_seed(args.seed)

@@ -140,6 +140,7 @@ class GlobalBestResponse:
     # ---- λ <-> hypernetwork input ----------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
         """What the hypernetwork training updates: w₀ and Θ (not λ or σ)."""
+        self._check_live()
         return self.model.base_parameters() + self.model.response_parameters()
 
     def _points(self, u_tuned: Tensor) -> Perturbation:
@@ -173,6 +174,18 @@ class GlobalBestResponse:
         missing = [n for n in self.names if n not in values]
         if missing:
             raise HyperTuneError(f"values for {missing} are missing")
+        bad = []
+        for n in self.names:
+            spec = self.space.specs[n]
+            try:
+                v = float(values[n])
+            except (TypeError, ValueError):
+                bad.append(f"{n}={values[n]!r} is not a number")
+                continue
+            if not (math.isfinite(v) and spec.low < v < spec.high):
+                bad.append(f"{n}={v} lies outside the spec's open range ({spec.low}, {spec.high})")
+        if bad:
+            raise HyperTuneError("; ".join(bad) + ": give values inside each spec's bounds")
         u = [self.space.specs[n].transform.inverse(float(values[n])) for n in self.names]
         return torch.tensor([u], dtype=self._low.dtype, device=self._low.device)
 
@@ -184,6 +197,7 @@ class GlobalBestResponse:
     # ---- Algorithm 2, first loop: the hypernetwork over the prior ----------------------------
     def train_step(self, inputs: Any, target: Any, loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> float:
         """One step of w₀ and Θ on the training loss at λ drawn from the prior per example."""
+        self._check_live()
         model = self.model
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         rows = model.batch_rows(args)
@@ -249,6 +263,7 @@ class GlobalBestResponse:
 
         ``loss_fn`` must return the batch mean; ``batches`` must be re-iterable.
         """
+        self._check_live()
         was = self.model.training
         self.model.eval()
         try:
@@ -284,6 +299,7 @@ class GlobalBestResponse:
         """Minimize the validation loss of ``w_φ(λ)`` over λ (Adam on the tuning scale, kept
         inside the prior, where the hypernetwork was trained). Starts at ``init`` or the
         middle of the prior. ``batches`` is cycled; one batch per step."""
+        self._check_live()
         u = (self.encode(init) if init is not None else ((self._low + self._high) / 2).unsqueeze(0)).clone()
         u.requires_grad_(True)
         opt = torch.optim.Adam([u], lr=lr * float((self._high - self._low).max()))
@@ -292,7 +308,10 @@ class GlobalBestResponse:
         frozen = [(p, p.requires_grad) for p in self.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
-        stream = itertools.cycle(list(batches))
+        kept = list(batches)
+        if not kept:
+            raise HyperTuneError("no validation batches were given")
+        stream = itertools.cycle(kept)
         try:
             for _ in range(steps):
                 opt.zero_grad()
@@ -312,13 +331,22 @@ class GlobalBestResponse:
     def unwrap_at(self, values: Mapping[str, float]) -> nn.Module:
         """The plain module with weights ``w_φ(λ)`` and dropout rates at ``values``; the
         HyperModel is spent afterwards (as after ``HyperModel.unwrap``)."""
+        self._check_live()
         u = self.encode(values)
         point = self._points(u)
         self.space.unconstrained.copy_(point.hparams[0])
         for layer in self.model.hyper_layers().values():
             layer.bake(point.response_input[0])  # type: ignore[index]
         self.model.centered = True  # Θ is folded in now: unwrap must not fold it again
+        self._spent = True
         return self.model.unwrap()
+
+    def _check_live(self) -> None:
+        if getattr(self, "_spent", False):
+            raise HyperTuneError(
+                "this GlobalBestResponse was unwrapped (unwrap_at folded its hypernetwork into the "
+                "plain model it returned): build a new one to train or evaluate again"
+            )
 
 
 def log_grid(low: float, high: float, num: int) -> list[float]:

@@ -148,7 +148,11 @@ class HyperParameters(nn.Module):
         value = self._transforms[i].forward(u[..., i])
         spec = self.specs[name]
         if spec.discrete:
-            value = torch.round(value).clamp(math.ceil(spec.low), math.floor(spec.high))
+            # The integer in the forward, the continuous value's gradient in the backward (a
+            # straight-through estimator): round() alone has zero gradient, which left a discrete
+            # value only the response's path to λ.
+            rounded = torch.round(value).clamp(math.ceil(spec.low), math.floor(spec.high))
+            value = rounded.detach() + (value - value.detach())  # exactly the integer: v - v = 0
         return value
 
     def _constrained_now(self) -> Tensor:

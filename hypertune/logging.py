@@ -266,7 +266,8 @@ def progress_summary(
     """
     history = _history_of(source)
     out: dict[str, str] = {}
-    train = [r for r in history.records[-(window * 8 + 8) :] if r.kind == "train"][-window:]
+    # skipped steps (a NaN/inf loss under nonfinite="skip") trained nothing: left out of the mean
+    train = [r for r in history.records[-(window * 8 + 8) :] if r.kind == "train" and not r.skipped][-window:]
     if train:
         out["loss"] = _fmt(sum(r.loss for r in train) / len(train))
     val = next((r for r in reversed(history.records) if r.kind == "val"), None)

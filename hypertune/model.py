@@ -661,8 +661,17 @@ class HyperModel(nn.Module):
                 root = new
             else:
                 surgery.set_submodule(root, path, new)
+        lost = []
         for name, spec in self.hparams.specs.items():
-            if spec.baked_by_unwrap:
+            if spec.bakes_on_unwrap():
                 spec.fixed_form(root, self._where.get(name, {}), values[name])
+            elif spec.unwrap_loses:
+                lost.append(f"{name!r} = {values[name]:.4g} ({spec.unwrap_loses})")
+        if lost:
+            notice(
+                f"hypertune: unwrap: the plain model does not apply {', '.join(lost)}; its eval outputs "
+                "are unchanged, but training it further goes without them (ScheduleReplayer lists them "
+                "as unapplied)"
+            )
         self._unwrapped.append(root)
         return root

@@ -73,12 +73,17 @@ def group_hparams(
 
 
 def _moving_average(values: Sequence[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
+    """The mean of the last ``window`` finite values (a skipped step's NaN/inf loss would
+    otherwise stay in a running sum, and inf - inf is NaN, for the rest of the run)."""
+    out: list[float] = []
+    kept = [v if math.isfinite(v) else None for v in values]
+    total, count = 0.0, 0
+    for i, v in enumerate(kept):
+        if v is not None:
+            total, count = total + v, count + 1
+        if i >= window and kept[i - window] is not None:
+            total, count = total - kept[i - window], count - 1  # type: ignore[operator]
+        out.append(total / count if count else math.nan)
     return out
 
 
@@ -86,6 +91,8 @@ def _hparam_series(history: History) -> tuple[list[int], dict[str, list[float]],
     """Values in effect at every step where some record holds them (train and val records)."""
     at: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
     for r in history:
+        if r.skipped:  # it ran nothing and found the step counter of the step before
+            continue
         index = r.step - 1 if r.kind == "train" else r.step
         at[max(index, 0)] = (r.hparams, r.scales)
     steps = sorted(at)

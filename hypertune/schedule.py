@@ -118,6 +118,12 @@ class Schedule:
                 raise HyperTuneError(
                     f"Schedule value {name!r} has {len(vals)} entries for {len(self.steps)} steps"
                 )
+            bad = [k for k, v in enumerate(vals) if not math.isfinite(v)]
+            if bad:
+                raise HyperTuneError(
+                    f"Schedule value {name!r} is not finite at step(s) {[self.steps[k] for k in bad[:5]]}: "
+                    "a replay cannot set a rate or coefficient to NaN/inf"
+                )
         for name in self.values:
             self.meta.setdefault(name, {"kind": guess_kind(name)})
         # The last change may come after the last train step (a val step ends the run).
@@ -137,8 +143,12 @@ class Schedule:
         names = history.hparam_names
         at: dict[int, dict[str, float]] = {}
         for r in history:
+            if r.skipped:  # a skipped step ran nothing; its record keeps the step counter it found
+                continue
             index = r.step - 1 if r.kind == "train" else r.step
             at[max(index, 0)] = dict(r.hparams)
+        if not at:
+            raise HyperTuneError("every step in the history was skipped: no values were trained with")
         train_steps = max((r.step for r in history.of_kind("train")), default=0)
         steps: list[int] = []
         values: dict[str, list[float]] = {n: [] for n in names}
@@ -227,12 +237,16 @@ class Schedule:
             raise HyperTuneError("not a hypertune schedule (missing format tag)")
         if state.get("version") != _VERSION:
             raise HyperTuneError(f"schedule version {state.get('version')} is not supported")
-        return cls(
-            [int(s) for s in state["steps"]],
-            {n: [float(x) for x in v] for n, v in state["values"].items()},
-            {n: dict(m) for n, m in state.get("hparams", {}).items()},
-            int(state.get("total_steps", 0)),
-        )
+        try:
+            steps = [int(s) for s in state["steps"]]
+            values = {n: [float(x) for x in v] for n, v in state["values"].items()}
+            meta = {n: dict(m) for n, m in state.get("hparams", {}).items()}
+            total = int(state.get("total_steps", 0))
+        except KeyError as err:
+            raise HyperTuneError(f"the schedule lacks its {err.args[0]!r} entry; write it with Schedule.to_json") from None
+        except (TypeError, ValueError, AttributeError) as err:
+            raise HyperTuneError(f"the schedule's entries are malformed ({err}); write it with Schedule.to_json") from None
+        return cls(steps, values, meta, total)
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -241,7 +255,16 @@ class Schedule:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Schedule:
-        return cls.from_state_dict(json.loads(Path(path).read_text()))
+        try:
+            state = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise HyperTuneError(f"{path}: not JSON ({err})") from None
+        if not isinstance(state, Mapping):
+            raise HyperTuneError(f"{path}: not a hypertune schedule (a JSON object is expected)")
+        try:
+            return cls.from_state_dict(state)
+        except HyperTuneError as err:
+            raise HyperTuneError(f"{path}: {err}") from None
 
     def to_csv(self, path: str | Path) -> Path:
         """One row per change: ``step,<name>,...``. CSV holds values only; JSON also keeps
@@ -267,9 +290,18 @@ class Schedule:
         if not rows or rows[0][:1] != ["step"]:
             raise HyperTuneError(f"{path}: not a schedule CSV (first column must be 'step')")
         names = rows[0][1:]
-        steps = [int(r[0]) for r in rows[1:]]
-        values = {n: [float(r[i + 1]) for r in rows[1:]] for i, n in enumerate(names)}
-        return cls(steps, values, {n: dict(m) for n, m in (meta or {}).items()}, total_steps)
+        for line, r in enumerate(rows[1:], start=2):
+            if len(r) != len(rows[0]):
+                raise HyperTuneError(f"{path}, line {line}: {len(r)} fields for the header's {len(rows[0])}")
+        try:
+            steps = [int(r[0]) for r in rows[1:]]
+            values = {n: [float(r[i + 1]) for r in rows[1:]] for i, n in enumerate(names)}
+        except ValueError as err:
+            raise HyperTuneError(f"{path}: a step or value is not a number ({err})") from None
+        try:
+            return cls(steps, values, {n: dict(m) for n, m in (meta or {}).items()}, total_steps)
+        except HyperTuneError as err:
+            raise HyperTuneError(f"{path}: {err}") from None
 
 
 class ScheduleReplayer:
@@ -363,6 +395,14 @@ class ScheduleReplayer:
     def param_groups(self, **group_defaults: Any) -> list[dict[str, Any]]:
         """Param groups for the user's optimizer: one per weight decay (tagged ``"hparam"``),
         starting at the schedule's first value, and one with ``weight_decay=0`` for the rest."""
+        computed = [n for n, f in self.forms.items() if getattr(f, "computed", None)]
+        if computed:
+            raise HyperTuneError(
+                f"weight decay {computed} acts on weights a parametrization computes (weight_norm's "
+                "g·v/‖v‖): an optimizer's weight_decay would decay their originals g and v instead, a "
+                "different penalty. Build the optimizer without weight decay and add "
+                "replayer.penalty() to the training loss"
+            )
         first = self.schedule.initial()
         groups: list[dict[str, Any]] = []
         taken: set[int] = set()

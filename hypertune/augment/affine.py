@@ -23,7 +23,7 @@ from torch import Tensor
 from ..errors import SpecError
 from ..specs import HParam
 from .base import Augmentation
-from .cutout import Fill, _check_images, _fill_tensor, _per_example, _spec
+from .cutout import Fill, _check_images, _fill_tensor, _per_example, _spec, channel_values
 
 Interpolation = Literal["nearest", "bilinear"]
 
@@ -230,6 +230,8 @@ class RandomAffine(Augmentation):
             raise SpecError("RandomAffine: every part is None; tune at least one")
         if interpolation not in ("nearest", "bilinear"):
             raise SpecError(f"RandomAffine: interpolation={interpolation!r} must be 'nearest' or 'bilinear'")
+        if fill is not None:
+            channel_values(fill, "fill", "RandomAffine")
         if isinstance(fill, Tensor):
             fill = fill.detach().cpu()
         self.interpolation = interpolation

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..errors import SpecError
 from ..specs import HParam
 from .base import Augmentation
-from .cutout import _check_images, _per_example, _spec
+from .cutout import _check_images, _per_example, _spec, channel_values
 
 #: Operation indices of :func:`apply_jitter`'s ``order``, as in torchvision's ColorJitter.
 OPS = ("brightness", "contrast", "saturation", "hue")
@@ -261,7 +261,9 @@ class ColorJitter(Augmentation):
             raise SpecError(f"ColorJitter: order={order!r} must be 'random' or 'fixed'")
         if (mean is None) != (std is None):
             raise SpecError("ColorJitter: give both mean and std (the input normalization) or neither")
-        if std is not None and any(float(s) == 0 for s in torch.as_tensor(std).reshape(-1).tolist()):
+        if mean is not None:
+            channel_values(mean, "mean", "ColorJitter")
+        if std is not None and (channel_values(std, "std", "ColorJitter") == 0).any():
             raise SpecError("ColorJitter: std must be non-zero")
         self.order = order
         self.mean = mean

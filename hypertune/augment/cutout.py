@@ -59,6 +59,22 @@ def _spec(value: object, name: str, where: str, *, allow_none: bool = True) -> H
     return value
 
 
+def channel_values(value: object, label: str, where: str) -> Tensor:
+    """``value`` checked as a number or one number per channel (a fill, a mean, a std), refused
+    with the fix at construction instead of failing inside the first forward."""
+    if isinstance(value, bool):
+        raise SpecError(f"{where}: {label} must be a number or one number per channel, got {value!r}")
+    try:
+        t = torch.as_tensor(value.detach().cpu() if isinstance(value, Tensor) else value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise SpecError(f"{where}: {label} must be a number or one number per channel, got {value!r}") from None
+    if t.dim() > 1 or t.numel() == 0 or not torch.isfinite(t).all():
+        raise SpecError(
+            f"{where}: {label} must be a finite number or a flat list of one per channel, got {value!r}"
+        )
+    return t
+
+
 def _fill_tensor(fill: Fill, x: Tensor) -> Tensor:
     """``fill`` as a tensor broadcastable to (..., C, H, W): a scalar or one value per channel."""
     f = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
@@ -175,6 +191,7 @@ class Cutout(Augmentation):
             self.max_holes = 1
         if self.length.low < 0:  # type: ignore[union-attr]
             raise SpecError(f"Cutout: length.low={self.length.low} must be >= 0")  # type: ignore[union-attr]
+        channel_values(fill, "fill", "Cutout")
         if isinstance(fill, Tensor):
             fill = fill.detach().cpu()
         self.fill = fill

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..errors import SpecError
 from ..penalties import ActivationPenalty
 from ..sites import Target, as_targets, selects
-from .base import Claim, FixedForm, FixedFormError, HParam, Installation, WrapSites, register_hparam_kind
+from .base import Claim, FixedForm, FixedFormError, HParam, Installation, WrapSites, as_axis, register_hparam_kind
 
 
 @register_hparam_kind
@@ -82,8 +82,7 @@ class TemporalActivationRegularization(ActivationRegularization):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.time_dim, int) or self.time_dim < 1:
-            raise SpecError(f"TemporalActivationRegularization: time_dim={self.time_dim!r} must be >= 1")
+        object.__setattr__(self, "time_dim", as_axis("TemporalActivationRegularization", "time_dim", self.time_dim))
 
 
 class FixedActivationPenalty(FixedForm):
@@ -111,6 +110,8 @@ class FixedActivationPenalty(FixedForm):
             if self.time_dim is not None:
                 steps = h.shape[self.time_dim]
                 h = h.narrow(self.time_dim, 1, steps - 1) - h.narrow(self.time_dim, 0, steps - 1)
+            if h.numel() == 0:  # TAR of a one-step sequence: no change over time, no penalty
+                continue
             term = self.value * h.pow(2).mean()
             total = term if total is None else total + term
         self.outputs.clear()

@@ -32,10 +32,17 @@ class AugmentationKind:
         def transform(inputs: Any, point: Any) -> Any:
             args, kwargs = inputs
             x = args[0] if args else None
-            if not (torch.is_tensor(x) and x.is_floating_point()):
+            if not torch.is_tensor(x):
                 raise HyperTuneError(
                     f"augmentation {name!r} ({type(aug).__name__}) acts on the model's first positional "
-                    "input, which must be a floating-point batch tensor: call the model with the images first"
+                    f"input, which must be the image batch tensor, got {type(x).__name__}: call the model "
+                    "with the images first"
+                )
+            if not x.is_floating_point():
+                raise HyperTuneError(
+                    f"augmentation {name!r} ({type(aug).__name__}) needs floating-point images, got "
+                    f"{x.dtype}: convert them before the step (e.g. x.float() / 255, as "
+                    "torchvision's ToTensor does)"
                 )
             x = aug.apply(x, {sub: point.value(f"{name}:{sub}") for sub in subs})
             return (x, *args[1:]), kwargs

@@ -78,6 +78,27 @@ def _as_number(kind: str, label: str, value: object) -> float:
     return float(value) if not isinstance(value, int) else value  # type: ignore[return-value]
 
 
+def as_flag(kind: str, label: str, value: object) -> bool:
+    """A yes/no option: a bool (numpy's too), never a string or a number read by truthiness
+    (``log="no"`` would turn log scale on)."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise SpecError(f"{kind}: {label} must be True or False, got {value!r}")
+
+
+def as_axis(kind: str, label: str, value: object, *, optional: bool = False) -> int | None:
+    """A tensor axis >= 1: a Python or numpy integer, not a bool (``True`` would mean axis 1)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        allowed = ", or None" if optional else ""
+        raise SpecError(
+            f"{kind}: {label}={value!r} must be an axis >= 1 (the time axis of batch-first "
+            f"sequences, e.g. 1){allowed}"
+        )
+    return int(value)
+
+
 # ---- what claim() sees and returns ----------------------------------------------------------------
 @dataclass
 class WrapSites:
@@ -300,6 +321,8 @@ class HParam:
     plot_log: ClassVar[bool] = False
     # Whether unwrap() leaves its fixed form in the returned model (module state, hooks).
     baked_by_unwrap: ClassVar[bool] = False
+    # What unwrap() cannot give the plain model, for its notice (None: nothing is lost).
+    unwrap_loses: ClassVar[str | None] = None
     # Whether only the forward can use it (read with hypertune.hparam): checked at the first step.
     read_in_forward: ClassVar[bool] = True
     # Whether its values come first in λ (in claim order); λ's layout is what checkpoints store.
@@ -307,6 +330,8 @@ class HParam:
 
     def __post_init__(self) -> None:
         kind = type(self).__name__
+        for label in ("discrete", "log"):
+            object.__setattr__(self, label, as_flag(kind, label, getattr(self, label)))
         for label in ("init", "low", "high", "init_scale"):
             value = _as_number(kind, label, getattr(self, label))
             object.__setattr__(self, label, value)
@@ -376,6 +401,10 @@ class HParam:
     def fixed_form(self, model: nn.Module, where: Mapping[str, Any], value: float) -> FixedForm | None:
         """This kind at ``value`` on the plain ``model``; None if it has no plain form."""
         return None
+
+    def bakes_on_unwrap(self) -> bool:
+        """Whether unwrap() installs this spec's fixed form on the returned model."""
+        return self.baked_by_unwrap
 
     # ---- serial form ------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from torch import nn
 from ..layers.base import carry_hooks
 from ..layers.drop_path import HyperDropPath
 from ..sites import Target, as_targets, describe
-from .base import Claim, FixedForm, HParam, Installation, WrapSites, modules_at, register_hparam_kind
+from .base import Claim, FixedForm, HParam, Installation, WrapSites, as_flag, modules_at, register_hparam_kind
 from .dropout import RATE_INIT_SCALE, rate_bounds
 
 
@@ -65,6 +65,7 @@ class DropPathRate(HParam):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        object.__setattr__(self, "per_site", as_flag("DropPathRate", "per_site", self.per_site))
         rate_bounds(self)
         object.__setattr__(self, "targets", as_targets(self.targets, "DropPathRate: targets"))
 

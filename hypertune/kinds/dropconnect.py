@@ -30,6 +30,7 @@ class DropConnect(HParam):
     kind: ClassVar[str] = "dropconnect"
     panel: ClassVar[str | None] = "Dropout rates"
     read_in_forward: ClassVar[bool] = False
+    unwrap_loses: ClassVar[str | None] = "torch's layers have no DropConnect"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -13,7 +13,7 @@ from ..errors import SpecError
 from ..layers.base import carry_hooks
 from ..layers.dropout import HyperDropout
 from ..sites import Site, Target, as_targets, describe
-from .base import Claim, FixedForm, HParam, Installation, WrapSites, modules_at, register_hparam_kind
+from .base import Claim, FixedForm, HParam, Installation, WrapSites, as_axis, as_flag, modules_at, register_hparam_kind
 
 # Dropout module type -> number of trailing axes that share one mask entry.
 DROPOUTS: dict[type[nn.Module], int] = {
@@ -76,11 +76,8 @@ class DropoutRate(HParam):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.locked_dim is not None and (not isinstance(self.locked_dim, int) or self.locked_dim < 1):
-            raise SpecError(
-                f"DropoutRate: locked_dim={self.locked_dim!r} must be an axis >= 1 (the time axis of "
-                "batch-first sequences, e.g. 1), or None"
-            )
+        object.__setattr__(self, "per_site", as_flag("DropoutRate", "per_site", self.per_site))
+        object.__setattr__(self, "locked_dim", as_axis("DropoutRate", "locked_dim", self.locked_dim, optional=True))
         rate_bounds(self)
         object.__setattr__(self, "targets", as_targets(self.targets, "DropoutRate: targets"))
 
@@ -134,6 +131,11 @@ class DropoutRate(HParam):
         if not paths:
             return None
         return FixedDropout(model, list(paths), value, self.locked_dim)
+
+    def bakes_on_unwrap(self) -> bool:
+        """A locked rate needs its hook on the plain nn.Dropout unwrap gives back (torch's
+        dropouts draw a fresh mask per element, not one shared along time)."""
+        return self.locked_dim is not None
 
 
 def attention_float_dropouts(named: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, float]]:

@@ -28,6 +28,7 @@ class EmbeddingDropout(HParam):
     kind: ClassVar[str] = "embedding_dropout"
     panel: ClassVar[str | None] = "Dropout rates"
     read_in_forward: ClassVar[bool] = False
+    baked_by_unwrap: ClassVar[bool] = True  # a forward hook on the plain nn.Embedding
 
     def __post_init__(self) -> None:
         super().__post_init__()

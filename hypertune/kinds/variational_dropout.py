@@ -36,6 +36,7 @@ class VariationalDropout(HParam):
     kind: ClassVar[str] = "variational_dropout"
     panel: ClassVar[str | None] = "Dropout rates"
     read_in_forward: ClassVar[bool] = False
+    unwrap_loses: ClassVar[str | None] = "torch's nn.LSTM has no variational (locked) dropout"
 
     def __post_init__(self) -> None:
         super().__post_init__()

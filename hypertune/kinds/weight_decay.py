@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..errors import SpecError
 from ..layers.base import HyperLayer
 from ..penalties import WeightDecayPenalty
 from ..sites import Target, as_targets, selects
-from .base import Claim, FixedForm, FixedFormError, HParam, Installation, WrapSites, register_hparam_kind
+from .base import Claim, FixedForm, FixedFormError, HParam, Installation, WrapSites, as_flag, register_hparam_kind
 
 
 @register_hparam_kind
@@ -40,6 +41,7 @@ class WeightDecay(HParam):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        object.__setattr__(self, "include_bias", as_flag("WeightDecay", "include_bias", self.include_bias))
         if self.low < 0:
             raise SpecError(f"WeightDecay: low={self.low} must be >= 0")
         object.__setattr__(self, "targets", as_targets(self.targets, "WeightDecay: targets"))
@@ -51,7 +53,11 @@ class WeightDecay(HParam):
         chosen = [
             s for s in sites.sites
             if selects(s, self.targets)
-            and (isinstance(getattr(s.module, "weight", None), nn.Parameter) or id(s.module) in layer_ids)
+            and (
+                isinstance(getattr(s.module, "weight", None), nn.Parameter)
+                or parametrize.is_parametrized(s.module, "weight")
+                or id(s.module) in layer_ids
+            )
         ]
         if not chosen:
             sites.problems.append(
@@ -63,30 +69,56 @@ class WeightDecay(HParam):
     def install(self, name: str, claim: Claim, into: Installation) -> None:
         layers: list[HyperLayer] = []
         plain: list[nn.Parameter] = []
+        computed: list[tuple[nn.Module, str]] = []
         for site in claim.sites.get(name, []):
             m = into.module_at(site.path)
             if isinstance(m, HyperLayer):
                 layers.append(m)
             else:
                 plain.extend(_decayed(m, self.include_bias))
-        into.penalties.append(WeightDecayPenalty(name, layers, plain, self.include_bias))
+                computed.extend((m, n) for n in _computed(m))
+        into.penalties.append(WeightDecayPenalty(name, layers, plain, self.include_bias, computed))
 
     def where(self, claim: Claim, value_name: str, model: nn.Module) -> dict[str, Any]:
+        """The Parameters decayed (by name) and, under ``"computed"``, the weights a
+        parametrization computes (weight_norm's ``w = g·v/‖v‖``): the penalty is on those
+        weights, not on their originals g and v, so a replay decays the same thing."""
         names: dict[int, str] = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), n)  # a shared weight goes by its first name
         params: list[str] = []
+        computed: list[str] = []
         for site in claim.sites.get(value_name, []):
             m = model.get_submodule(site.path) if site.path else model
-            decayed = m.decayed_parameters(self.include_bias) if isinstance(m, HyperLayer) else _decayed(m, self.include_bias)
+            prefix = f"{site.path}." if site.path else ""
+            own = _computed(m)
+            computed.extend(prefix + n for n in own)
+            if isinstance(m, HyperLayer):
+                decayed = m.decayed_parameters(self.include_bias)
+                if own:  # the originals stand for the computed weight: keep only the bias
+                    originals = {id(q) for n in own for q in m.parametrizations[n].parameters()}  # type: ignore[index]
+                    decayed = [q for q in decayed if id(q) not in originals]
+            else:
+                decayed = _decayed(m, self.include_bias)
             params.extend(names[id(p)] for p in decayed if id(p) in names)
-        return {"params": sorted(set(params), key=params.index)}
+        where: dict[str, Any] = {"params": sorted(set(params), key=params.index)}
+        if computed:
+            where["computed"] = sorted(set(computed), key=computed.index)
+        return where
 
     def fixed_form(self, model: nn.Module, where: Mapping[str, Any], value: float) -> FixedForm | None:
         names = where.get("params")
-        if not names:
+        computed = where.get("computed") or []
+        if not names and not computed:
             return None
-        return FixedWeightDecay(model, list(names), value)
+        return FixedWeightDecay(model, list(names or []), value, list(computed))
+
+
+def _computed(module: nn.Module) -> list[str]:
+    """Names of the module's weights that a parametrization computes (weight_norm, orthogonal)."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return [n for n in module.parametrizations if n == "weight" or n.startswith("weight")]  # type: ignore[union-attr]
 
 
 def _decayed(module: nn.Module, include_bias: bool) -> list[nn.Parameter]:
@@ -105,9 +137,21 @@ class FixedWeightDecay(FixedForm):
     """``c/2·‖w‖²`` over named parameters (each once), as a loss term or an optimizer's
     ``weight_decay`` (the same for SGD/Adam/RMSprop's coupled decay, not AdamW's)."""
 
-    def __init__(self, model: nn.Module, names: list[str], value: float) -> None:
+    def __init__(self, model: nn.Module, names: list[str], value: float, computed: list[str] | None = None) -> None:
         params = dict(model.named_parameters(remove_duplicate=False))
         missing = [n for n in names if n not in params]
+        self.computed: list[tuple[nn.Module, str]] = []
+        for path in computed or []:
+            owner, _, attr = path.rpartition(".")
+            try:
+                m = model.get_submodule(owner) if owner else model
+            except AttributeError:
+                missing.append(path)
+                continue
+            if not parametrize.is_parametrized(m, attr):
+                missing.append(f"{path} (a weight computed by a parametrization, e.g. weight_norm)")
+                continue
+            self.computed.append((m, attr))
         if missing:
             raise FixedFormError([f"the model has no parameter(s) {missing[:5]}"])
         unique: dict[int, nn.Parameter] = {}
@@ -117,7 +161,9 @@ class FixedWeightDecay(FixedForm):
         self.set_value(value)
 
     def decayed_parameters(self) -> list[nn.Parameter]:
+        """What an optimizer's ``weight_decay`` can decay: Parameters, not computed weights."""
         return list(self.params)
 
     def penalty(self) -> Tensor | None:
-        return 0.5 * self.value * sum(p.pow(2).sum() for p in self.params)  # type: ignore[return-value]
+        terms = [p.pow(2).sum() for p in self.params] + [getattr(m, n).pow(2).sum() for m, n in self.computed]
+        return 0.5 * self.value * sum(terms)  # type: ignore[return-value]

@@ -306,6 +306,15 @@ class HyperLayer(nn.Module):
             total = total + _sq_norm(bias, self.response_bias, s_b, 0)
         return total
 
+    def bias_sq_norm(self, response_input: Tensor | None) -> Tensor:
+        """||b(δλ)||² per row: the part of a layer whose weight is tied to (and measured by)
+        another layer, while its bias is its own."""
+        bias = getattr(self, "bias", None)
+        if bias is None:
+            return torch.zeros(1, dtype=self.weight.dtype, device=self.weight.device)
+        s_b = None if response_input is None else self.split(self.hyper_projection(response_input))[1]
+        return _sq_norm(bias, self.response_bias, s_b, 0)
+
     @torch.no_grad()
     def bake_refusal(self) -> str | None:
         """Why Θ cannot be folded into this layer's weight (checked for every layer before any

@@ -73,7 +73,9 @@ class HyperEmbedding(HyperLayer, nn.Embedding):
         rows = rate.shape[0]
         context.rows_for(x.shape[0] if batched else 1, rows, f"embedding dropout '{self.hyper_path}'")
         keep = (1.0 - rate).unsqueeze(1)  # (R, 1)
-        n = x.shape[0] if batched and rows > 1 else 1
+        # one mask per example at every rate, as the Θ step and the fixed form draw them (the
+        # w₀ pass has one shared row, R = 1, but its examples still get masks of their own)
+        n = x.shape[0] if batched else 1
         mask = (torch.rand(n, self.num_embeddings, device=x.device, dtype=keep.dtype) < keep) / keep
         if batched:
             flat = x.reshape(x.shape[0], -1)

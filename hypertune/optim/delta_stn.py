@@ -453,6 +453,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
                 "version": _VERSION,
                 "mode": self.mode,
                 "hparam_names": list(hp.names),
+                "specs": saved_state.spec_signature(hp.specs),
                 "optimizer": self.optimizer.state_dict(),
                 "response_optimizer": self.response_optimizer.state_dict(),
                 "hyper_optimizer": self.hyper_optimizer.state_dict(),
@@ -481,6 +482,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             hyper={"unconstrained": hp.unconstrained, "raw_scale": hp.raw_scale},
             inner=self._inner(),
             response_groups=len(self.response_optimizer.param_groups),
+            specs=saved_state.spec_signature(hp.specs),
         )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

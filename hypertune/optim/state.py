@@ -57,6 +57,40 @@ def _nonfinite(tree: Any, prefix: str) -> list[str]:
     ]
 
 
+def spec_signature(specs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each tuned value's spec as plain data (JSON types; a module object as its repr), saved with
+    a state: λ is stored on the tuning scale, so other bounds or another kind under the same name
+    would resume at other values."""
+    import json
+
+    return {name: json.loads(json.dumps(spec.to_json(), default=repr)) for name, spec in specs.items()}
+
+
+def spec_problems(saved: Any, live: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What differs between the specs a state was saved with and this model's (an older state
+    without specs is not checked)."""
+    if saved is None:
+        return []
+    if not isinstance(saved, Mapping):
+        return ["specs is not a mapping"]
+    problems = []
+    for name, spec in live.items():
+        old = saved.get(name)
+        if not isinstance(old, Mapping):
+            continue  # a name mismatch is reported by the names check
+        if old.get("kind") != spec.get("kind"):
+            problems.append(f"hparams[{name!r}] was saved as a {old.get('kind')!r} spec and is a {spec.get('kind')!r} one here")
+            continue
+        # init is not compared: the saved λ replaces it
+        fields_ = [f"{k}: {old.get(k)!r} vs {spec.get(k)!r}" for k in spec if k != "init" and old.get(k) != spec.get(k)]
+        if fields_:
+            problems.append(
+                f"hparams[{name!r}] was saved with another spec ({', '.join(fields_)}): λ is stored on the "
+                "tuning scale, so it would resume at another value; wrap with the spec the run used"
+            )
+    return problems
+
+
 def inner_problems(key: str, saved: Any, live: Any, shapes: Any) -> list[str]:
     """What keeps ``saved`` (an inner optimizer's state dict) from loading into ``live``."""
     if not (isinstance(saved, Mapping) and isinstance(saved.get("param_groups"), list) and isinstance(saved.get("state"), Mapping)):
@@ -111,7 +145,16 @@ def inner_problems(key: str, saved: Any, live: Any, shapes: Any) -> list[str]:
     return problems
 
 
-def state_problems(state: Any, *, mode: str, names: Sequence[str], hyper: Mapping[str, Tensor], inner: Mapping[str, Any], response_groups: int) -> list[str]:
+def state_problems(
+    state: Any,
+    *,
+    mode: str,
+    names: Sequence[str],
+    hyper: Mapping[str, Tensor],
+    inner: Mapping[str, Any],
+    response_groups: int,
+    specs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[str]:
     """Every reason ``state`` cannot be loaded; empty if it can."""
     if not isinstance(state, Mapping) or state.get("format") != FORMAT:
         return ["not a DeltaSTNOptimizer state dict (missing format tag)"]
@@ -126,6 +169,8 @@ def state_problems(state: Any, *, mode: str, names: Sequence[str], hyper: Mappin
         problems.append(f"state dict was saved in mode {state['mode']!r} but this optimizer runs {mode!r}")
     if "hparam_names" in state and list(state["hparam_names"]) != list(names):
         problems.append(f"state dict tunes {state['hparam_names']} but this model tunes {list(names)}")
+    if specs is not None:
+        problems += spec_problems(state.get("specs"), specs)
     saved = state.get("hparams")
     if saved is not None:
         if not isinstance(saved, Mapping):

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 from . import context, surgery
 from .augment.base import Augmentation
 from .context import Perturbation
-from .errors import HyperTuneError
+from .errors import HyperTuneError, WrapError
 from .hyperparameters import HyperParameters
 from .attention import TunedRateCalls
 from .kinds.base import Installation, kind_of
@@ -262,6 +262,19 @@ class HyperModel(nn.Module):
             dtype=ref.dtype if ref is not None else None,
             device=ref.device if ref is not None else None,
         )
+        if not space.unconstrained.is_meta:
+            # an init that rounds onto a bound in the model's dtype sits where sigmoid/exp are
+            # flat: its λ could never move
+            stuck = [
+                f"{name}={spec.init:g} (it is {value:g} in {space.unconstrained.dtype})"
+                for (name, spec), value in zip(space.specs.items(), space.values().values())
+                if not spec.low < value < spec.high
+            ]
+            if stuck:
+                raise WrapError(
+                    [f"init {', '.join(stuck)} rounds onto a bound of its range, where λ could never "
+                     "move: start further inside"]
+                )
         installed = surgery.apply(model, plan, len(space))
         wrapped = cls(installed.root, space, plan, installed)
         if wrapped._untuned:

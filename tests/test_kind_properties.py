@@ -237,3 +237,13 @@ def test_integer_images_are_refused_with_the_conversion_to_make():
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     with pytest.raises(ht.HyperTuneError, match=r"torch.uint8.*x.float\(\) / 255"):
         opt.train_step(images, torch.randint(0, 2, (4,)), F.cross_entropy)
+
+
+def test_an_init_that_rounds_onto_a_bound_in_the_models_dtype_is_refused():
+    """DropoutRate(init=1e-40) passes the spec's float64 check but is exactly 0 in float32, where
+    the sigmoid is flat: its λ could never move."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+    with pytest.raises(ht.WrapError, match=r"init d=1e-40 \(it is 0 in torch.float32\)"):
+        ht.HyperModel.wrap(net, {"d": ht.DropoutRate(init=1e-40)})
+    assert isinstance(net[1], nn.Dropout)  # untouched
+    ht.HyperModel.wrap(net.double(), {"d": ht.DropoutRate(init=1e-40)})  # representable in float64

@@ -291,3 +291,11 @@ def test_response_fraction_refuses_a_bool():
     hm = ht.HyperModel.wrap(_net(), {"drop": ht.DropoutRate(init=0.1)})
     with pytest.raises(ht.HyperTuneError, match="response_fraction=True"):
         ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.1), response_fraction=True)
+
+
+def test_a_list_given_as_the_inputs_gets_a_hint_when_the_model_rejects_it():
+    hm, opt = _tuned(_net())
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(TypeError) as info:
+        opt.train_step([x], y, F.cross_entropy)
+    assert any("pass several positional arguments as a tuple" in n for n in info.value.__notes__)

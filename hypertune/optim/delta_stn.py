@@ -317,7 +317,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             self.zero_grad()
             tx = self._transaction("train")
             self._noise.discard()  # a draw left by a refused step, or one that raised, is not this step's
-            with _Rollback(tx, "train_step", self.zero_grad):
+            with _Rollback(tx, "train_step", self.zero_grad, inputs):
                 loss, response_loss = TRAIN_STEPS[self.mode](
                     self._ctx, tx, batch, loss_fn, census=self.train_steps == 0, response=response
                 )
@@ -345,7 +345,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
                     loss = scalar_loss(loss_fn(out, batch.target))
                 return StepResult(loss=float(loss), hparams=hm.hparam_values(), updated=False)
             tx = self._transaction("val")
-            with _Rollback(tx, "val_step", self.zero_grad):
+            with _Rollback(tx, "val_step", self.zero_grad, inputs):
                 loss = hyper_part(self._ctx, tx, batch, loss_fn, self.tune_scales, self.entropy_weight)
                 taken, losses = self._finish(tx, "val_step", loss, None)
             if taken:
@@ -533,10 +533,11 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
 class _Rollback:
     """Puts a step back when anything in it raises, and says so on the error."""
 
-    def __init__(self, tx: StepTransaction, what: str, clear_grads: Callable[[], None]) -> None:
+    def __init__(self, tx: StepTransaction, what: str, clear_grads: Callable[[], None], inputs: Any = None) -> None:
         self.tx = tx
         self.what = what
         self.clear_grads = clear_grads  # a part that raised in its backward left partial gradients
+        self.inputs = inputs
 
     def __enter__(self) -> StepTransaction:
         return self.tx
@@ -547,6 +548,13 @@ class _Rollback:
         undone = self.tx.can_undo_writes() or not self.tx.writing
         unrestored = self.tx.rollback()
         self.clear_grads()
+        if isinstance(err, TypeError) and isinstance(self.inputs, list) and "list" in str(err):
+            _add_note(
+                err,
+                f"hypertune: {self.what} passes inputs to the model as they are given, and a list is one "
+                "argument (a model may take a list, as torchvision's detection models do): pass several "
+                "positional arguments as a tuple, or keyword arguments as a dict",
+            )
         if undone:
             _add_note(err, f"hypertune: {self.what} was rolled back: {UNCHANGED}.")
             if unrestored:

@@ -1071,3 +1071,28 @@ def test_state_space_mixers_keep_the_weights_their_kernel_reads_as_w0(name):
     loss_fn = lambda out, y: F.cross_entropy(out.mean(1), y)  # noqa: E731
     assert math.isfinite(opt.train_step(x, target, loss_fn).loss)
     assert opt.val_step(x, target, loss_fn).updated
+
+
+@pytest.mark.parametrize(
+    "hooked, message",
+    [
+        (lambda m: torch.nn.utils.weight_norm(m), "deprecated torch.nn.utils.weight_norm.*parametrizations.weight_norm"),
+        (lambda m: torch.nn.utils.spectral_norm(m), r"torch.nn.utils.spectral_norm\), a constraint"),
+    ],
+)
+def test_a_weight_computed_by_a_legacy_hook_is_refused_with_its_cause(hooked, message):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own deprecation notice
+        net = nn.Sequential(hooked(nn.Linear(3, 3)), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(hypertune.WrapError, match=message):
+        hypertune.HyperModel.wrap(net, {"wd": hypertune.WeightDecay()}, targets=["0"])
+
+
+def test_stn_mode_says_at_construction_when_unwrap_will_not_be_able_to_fold():
+    timm = pytest.importorskip("timm")
+    from timm.layers import StdConv2d
+
+    net = nn.Sequential(StdConv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    hm = hypertune.HyperModel.wrap(net, {"wd": hypertune.WeightDecay()})
+    with pytest.warns(hypertune.WrapNotice, match="mode='stn' folds Θ.*standardizes its weight"):
+        hypertune.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.1), mode="stn")

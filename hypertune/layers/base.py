@@ -125,6 +125,18 @@ class HyperLayer(nn.Module):
                 ]
             return []
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
+            hooks = {type(h).__name__ for h in module._forward_pre_hooks.values()}
+            legacy = hooks & {"WeightNorm", "SpectralNorm"}
+            if "WeightNorm" in legacy:
+                return [
+                    "computes its weight in a forward pre-hook (the deprecated torch.nn.utils.weight_norm): "
+                    "use torch.nn.utils.parametrizations.weight_norm, which is supported, or add the module to exclude"
+                ]
+            if legacy:
+                return [
+                    "computes its weight in a forward pre-hook (torch.nn.utils.spectral_norm), a constraint "
+                    "the response would break: add the module to exclude"
+                ]
             return ["has no weight Parameter: add it to exclude"]
         return []
 

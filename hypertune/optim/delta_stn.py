@@ -179,6 +179,15 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             notice(doubled)
         if (half := float16_notice(hm)) is not None:
             notice(half)
+        if mode == "stn":
+            unfoldable = [r for layer in hm.hyper_layers().values() if (r := layer.bake_refusal()) is not None]
+            if unfoldable:
+                notice(
+                    "hypertune: mode='stn' folds Θ into the weights when the run ends (unwrap), and "
+                    f"some layers cannot take that: {'; '.join(unfoldable)}. The run trains, but "
+                    "unwrap() will refuse; the centered modes ('delta', the default, or 'centered') need "
+                    "no fold"
+                )
 
         self.model = model
         self.hyper_model = hm

@@ -84,7 +84,10 @@ class LayoutGuide:
     # (site, call number in a pass) -> "dim0" | "dim1" | "grows"
     kinds: dict[tuple[str, int], str] = field(default_factory=dict)
     _calls: dict[str, int] = field(default_factory=dict)
-    _passes: int = 0
+    # whether the pass running is the one the probes were taken for (a bool, not a count: a
+    # compiled forward guards on it, and a count would recompile on every pass)
+    _first: bool = True
+    _started: bool = False
 
     @classmethod
     def from_probes(cls, one: Probe, pair: Probe | None) -> LayoutGuide:
@@ -120,7 +123,9 @@ class LayoutGuide:
 
     def start_pass(self) -> None:
         self._calls = {}
-        self._passes += 1
+        if self._started:
+            self._first = False
+        self._started = True
 
     def decide(self, where: str, shape: Shape, rows: int) -> RowLayout | None:
         """The layout of this call, or ``None`` to let the shape rules decide.
@@ -135,7 +140,7 @@ class LayoutGuide:
         j = self._calls.get(where, 0)
         self._calls[where] = j + 1
         seen = self.probe.get(where, [])
-        first = self._passes <= 1
+        first = self._first
         if where in self.varies or (first and seen and j >= len(seen)):
             raise BatchPerturbationNeeded(
                 where,

@@ -113,3 +113,27 @@ def test_module_compile_in_place_is_handled():
         opt.val_step(x, y, F.cross_entropy)
     for k, v in eager.state_dict().items():
         assert torch.equal(v, hm.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("mode", ["centered", "stn"])
+def test_a_compiled_model_stops_compiling_after_its_first_perturbed_passes(mode):
+    """The layout guide's first-pass flag is a bool: a pass count, which dynamo guards on,
+    recompiled every perturbed pass until the recompile limit sent the model back to eager."""
+    graphs = [0]
+    inner = torch._dynamo.lookup_backend("eager")
+
+    def counting(gm, example_inputs):
+        graphs[0] += 1
+        return inner(gm, example_inputs)
+
+    torch._dynamo.reset()
+    hm = _build()
+    opt = ht.DeltaSTNOptimizer(
+        torch.compile(hm, backend=counting), torch.optim.SGD(hm.parameters(), lr=0.05), mode=mode, response_every=1
+    )
+    seen = []
+    for x, y in _batches(8):
+        opt.train_step(x, y, F.cross_entropy)
+        opt.val_step(x, y, F.cross_entropy)
+        seen.append(graphs[0])
+    assert seen[2:] == [seen[2]] * len(seen[2:]), seen

@@ -140,6 +140,7 @@ class FairLock:
         self._depth = 0
         self._next_ticket = 0
         self._serving = 0
+        self._abandoned: set[int] = set()  # tickets whose waiter left (Ctrl-C while waiting)
 
     def acquire(self) -> bool:
         me = threading.get_ident()
@@ -149,8 +150,17 @@ class FairLock:
                 return True
             ticket = self._next_ticket
             self._next_ticket += 1
-            while self._serving != ticket:
-                self._cond.wait()
+            try:
+                while self._serving != ticket:
+                    self._cond.wait()
+            except BaseException:
+                # A KeyboardInterrupt (or any error) in the wait: give the ticket up, or every
+                # later forward, step and save would wait for it forever.
+                if self._serving == ticket and self._owner is None:
+                    self._advance()
+                else:
+                    self._abandoned.add(ticket)
+                raise
             self._owner, self._depth = me, 1
             return True
 
@@ -161,8 +171,15 @@ class FairLock:
             self._depth -= 1
             if self._depth == 0:
                 self._owner = None
-                self._serving += 1
-                self._cond.notify_all()
+                self._advance()
+
+    def _advance(self) -> None:
+        """Serve the next ticket that still has a waiter (the condition's lock is held)."""
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
 
     def __enter__(self) -> bool:
         return self.acquire()

@@ -657,3 +657,42 @@ def test_a_model_moved_after_the_optimizer_was_built_is_put_back_whole():
     with pytest.raises(RuntimeError):
         opt.train_step(x.double(), y, F.cross_entropy)
     _assert_identical(before, _everything(model, opt))
+
+
+def test_an_interrupt_while_waiting_for_the_model_lock_does_not_block_it_for_good():
+    """Ctrl-C in a thread waiting for a HyperModel's lock used to leave its ticket unserved:
+    every later forward, step and checkpoint.save of that model then waited forever."""
+    from hypertune.context import FairLock
+
+    lock = FairLock()
+    held, release, waiting = threading.Event(), threading.Event(), threading.Event()
+
+    def holder():
+        with lock:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=holder, daemon=True)
+    t.start()
+    held.wait()
+    real_wait = lock._cond.wait
+
+    def interrupted_wait(*args, **kwargs):
+        waiting.set()
+        raise KeyboardInterrupt
+
+    lock._cond.wait = interrupted_wait  # the signal lands while this thread waits for its turn
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire()
+    lock._cond.wait = real_wait
+    assert waiting.is_set()
+    release.set()
+    t.join()
+    done = threading.Event()
+
+    def later():
+        with lock:
+            done.set()
+
+    threading.Thread(target=later, daemon=True).start()
+    assert done.wait(5), "the lock stayed blocked by the abandoned ticket"

@@ -15,6 +15,7 @@ asks for per-batch perturbation (:class:`~hypertune.rows.BatchPerturbationNeeded
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -100,12 +101,26 @@ def math_attention(
     return probs @ value
 
 
-_active = 0
+class _Active:
+    count = 0
+
+
+class _ThreadActive(threading.local, _Active):
+    """Per thread, as torch's function modes are: another thread's forward has no such mode."""
+
+
+_THREAD_ACTIVE = _ThreadActive()
+_TRACED_ACTIVE = _Active()  # torch.compile cannot trace a thread-local
+
+
+def _active() -> _Active:
+    return _TRACED_ACTIVE if torch.compiler.is_compiling() else _THREAD_ACTIVE
 
 
 def intercepting() -> bool:
-    """Whether a :class:`TunedRateCalls` mode is active (a site's rate can act per example)."""
-    return _active > 0
+    """Whether a :class:`TunedRateCalls` mode is active in this thread (a site's rate can act
+    per example)."""
+    return _active().count > 0
 
 
 def sdpa_as_math(*args: Any, **kwargs: Any) -> Tensor:
@@ -125,13 +140,11 @@ class TunedRateCalls(TorchFunctionMode):
     """Active during a wrapped forward whose tuned rates differ per example; see the module doc."""
 
     def __enter__(self) -> TunedRateCalls:
-        global _active
-        _active += 1
+        _active().count += 1
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        global _active
-        _active -= 1
+        _active().count -= 1
         super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]

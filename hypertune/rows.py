@@ -10,6 +10,7 @@ which is correct for any layout.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -210,71 +211,92 @@ def _same_rows(a: tuple[Tensor, float], b: tuple[Tensor, float]) -> bool:
     return bool(torch.allclose(x, y, rtol=rtol, atol=1e-6 + rtol * 0.1 * float(x.abs().max())))
 
 
-_recording: Probe | None = None
-# the input of the site whose forward is running in a probe pass: (shape, fingerprint)
-_pending: list[tuple[Shape, tuple[Tensor, float]]] = []
-_guide: LayoutGuide | None = None
-# the first site of the current guided pass whose batch-1 input gave it one output per example
-_grown: list[str] = []
+class _PassState:
+    """What the passes are doing: a probe being recorded, the input of the site running in it,
+    the guide deciding layouts, the first site whose output grew."""
+
+    def __init__(self) -> None:
+        self.recording: Probe | None = None
+        self.pending: list[tuple[Shape, tuple[Tensor, float]]] = []
+        self.guide: LayoutGuide | None = None
+        self.grown: list[str] = []
+
+
+class _ThreadPassState(threading.local, _PassState):
+    """One per thread: two models' passes in two threads must not see each other's probe or guide."""
+
+
+_THREAD = _ThreadPassState()
+# torch.compile cannot trace a thread-local: a compiled forward keeps its state in a plain object
+# (the HyperModel's lock serializes that model's forwards).
+_TRACED = _PassState()
+
+
+def _state() -> Any:
+    return _TRACED if torch.compiler.is_compiling() else _THREAD
 
 
 def grown_site() -> str | None:
     """The first site of the last guided pass whose output grew from 1 to R rows, if any: code
     after it that relies on the 1 (``pos.repeat(B, ...)``) breaks, and the pass must perturb
     per batch instead."""
-    return _grown[0] if _grown else None
+    grown = _state().grown
+    return grown[0] if grown else None
 
 
 def _grows(where: str) -> RowLayout:
-    if not _grown:
-        _grown.append(where)
+    grown = _state().grown
+    if not grown:
+        grown.append(where)
     return RowLayout(grows=True)
 
 
 @contextmanager
 def recording() -> Iterator[Probe]:
     """Record every site's input shapes during a pass (the probe passes of a :class:`LayoutGuide`)."""
-    global _recording
-    previous, _recording = _recording, Probe()
+    state = _state()
+    previous, state.recording = state.recording, Probe()
     try:
-        yield _recording
+        yield state.recording
     finally:
-        _recording = previous
-        _pending.clear()
+        state.recording = previous
+        state.pending.clear()
 
 
 def recording_input(x: Any) -> None:
     """A site's forward starts on ``x`` (a module pre-hook during probe passes): the notes its
     forward makes for an input of this shape carry ``x``'s fingerprint."""
-    if _recording is not None and torch.is_tensor(x) and x.dim() >= 1:
-        _pending[:] = [(tuple(x.shape), fingerprint(x))]
+    state = _state()
+    if state.recording is not None and torch.is_tensor(x) and x.dim() >= 1:
+        state.pending[:] = [(tuple(x.shape), fingerprint(x))]
 
 
 def recording_done() -> None:
-    _pending.clear()
+    _state().pending.clear()
 
 
 def note(where: str, shape: Shape | list[int]) -> None:
     """Record a site's input shape in a probe pass (a site that is idle in eval mode calls it)."""
-    if _recording is not None:
-        calls = _recording.shapes.setdefault(where, [])
+    state = _state()
+    if state.recording is not None:
+        calls = state.recording.shapes.setdefault(where, [])
         calls.append(tuple(shape))
-        if _pending and _pending[0][0] == tuple(shape):
-            _recording.prints[(where, len(calls) - 1)] = _pending[0][1]
+        if state.pending and state.pending[0][0] == tuple(shape):
+            state.recording.prints[(where, len(calls) - 1)] = state.pending[0][1]
 
 
 @contextmanager
 def guided_by(guide: LayoutGuide | None) -> Iterator[None]:
     """Let ``guide`` decide layouts during a pass."""
-    global _guide
-    previous, _guide = _guide, guide
-    _grown.clear()
+    state = _state()
+    previous, state.guide = state.guide, guide
+    state.grown.clear()
     if guide is not None:
         guide.start_pass()
     try:
         yield
     finally:
-        _guide = previous
+        state.guide = previous
 
 
 def layout(
@@ -297,8 +319,9 @@ def layout(
     note(where, shape)
     if rows == 1:
         return SHARED
-    if _guide is not None:
-        decided = _guide.decide(where, shape, rows)
+    guide = _state().guide
+    if guide is not None:
+        decided = guide.decide(where, shape, rows)
         if decided is not None:
             return decided
     leading = len(shape) - feature_dims

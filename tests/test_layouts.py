@@ -478,3 +478,31 @@ def test_a_list_of_images_is_a_batch_of_that_many_examples_and_response_fraction
     assert len(half.args[0]) == 2 and half.args[0][0].shape == (3, 5, 5)  # images kept whole
     assert len(half.args[1]) == 2 and half.args[1][0]["boxes"].shape == (3, 4)  # one dict per example
     assert half.target.shape == (2,)
+
+
+def test_layout_probes_and_guides_are_per_thread():
+    """Two models' passes in two threads: one's probe must not record the other's sites, nor
+    its guide decide them (they were module globals)."""
+    import threading
+
+    from hypertune import attention, rows
+
+    inside, done = threading.Event(), threading.Event()
+    seen: dict = {}
+
+    def other_thread():
+        inside.wait()
+        rows.note("HyperLinear 'b.fc'", (6, 4))  # another model's site, mid-probe of the first
+        seen["guide"] = rows._state().guide
+        seen["intercepting"] = attention.intercepting()
+        done.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    guide = LayoutGuide()
+    with rows.recording() as probe, rows.guided_by(guide), attention.TunedRateCalls():
+        inside.set()
+        done.wait(5)
+    t.join()
+    assert "HyperLinear 'b.fc'" not in probe.shapes
+    assert seen == {"guide": None, "intercepting": False}

@@ -177,18 +177,24 @@ def save(
     fp = fingerprint(hm)
     rank, world = _distributed()
     rng = _rng_state()
+    local = getattr(optimizer, "_local_state", None)
+    mine = {"rng": rng, "local": local() if local is not None else None}
     if world > 1:
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, rng)
-        rng_all = gathered
+        dist.all_gather_object(gathered, mine)
     else:
-        rng_all = [rng]
+        gathered = [mine]
+    rng_all = [g["rng"] for g in gathered]
+    local_all = [g["local"] for g in gathered]
     if rank == 0:
         scaler = getattr(optimizer, "grad_scaler", None)
         # Written under the model's lock: never a state half-way through a step that another
         # thread is running (the payload holds the live tensors, not copies).
         with hm.exclusive():
-            _atomic_save(_payload(hm, fp, optimizer, scaler, schedulers, rng_all, extra), os.fspath(path))
+            payload = _payload(hm, fp, optimizer, scaler, schedulers, rng_all, extra)
+            if local is not None:
+                payload["optimizer_local"] = local_all  # per rank: each draws its own antithetic ε
+            _atomic_save(payload, os.fspath(path))
     if world > 1:
         dist.barrier()
 
@@ -263,6 +269,13 @@ def _check(ck: Any, path: str, hm: HyperModel, optimizer: Any, schedulers: Seque
             "hyperparameters before loading; nothing was loaded"
         )
     problems = spec_problems(ck.get("specs"), spec_signature(hm.hparams.specs))
+    for i, local in enumerate(ck.get("optimizer_local") or []):
+        pending = (local.get("noise") or {}).get("pending") if isinstance(local, Mapping) else None
+        if not isinstance(local, Mapping) or (pending is not None and not (
+            torch.is_tensor(pending) and pending.dim() == 2 and pending.shape[1] == len(hm.hparams)
+            and pending.is_floating_point() and bool(torch.isfinite(pending).all())
+        )):
+            problems.append(f"rank {i}'s optimizer state (its antithetic draw) is malformed")
     problems += _model_problems(ck.get("model"), hm)
     saved_opt = ck.get("optimizer")
     if optimizer is not None:
@@ -405,8 +418,12 @@ def load(
                 f"checkpoint {path!r} could not be applied ({type(err).__name__}: {err}); the model, "
                 "optimizer and schedulers were put back as they were"
             ) from err
+    rank, world = _distributed()
+    locals_ = ck.get("optimizer_local")
+    loader = getattr(optimizer, "_load_local_state", None)
+    if loader is not None and isinstance(locals_, list) and len(locals_) == world and locals_[rank] is not None:
+        loader(locals_[rank])
     if restore_rng:
-        rank, world = _distributed()
         states = ck.get("rng") or []
         if len(states) == world:
             _set_rng_state(states[rank])

@@ -142,3 +142,18 @@ def test_bad_amp_arguments_are_refused():
         ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.1), autocast=torch.float64)
     with pytest.raises(ht.HyperTuneError, match="GradScaler"):
         ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.1), grad_scaler=object())
+
+
+def test_a_step_refused_after_its_write_check_does_not_count_as_a_good_scaler_step():
+    """The scaler's update runs before the write; a val step whose λ update is then found
+    non-finite used to advance the scaler's growth counter as if it had been taken."""
+    torch.manual_seed(0)
+    hm = ht.HyperModel.wrap(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)), {"wd": ht.WeightDecay(init=1e-3)})
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+    opt = ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.05), grad_scaler=scaler, hyper_lr=1e38)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    opt.train_step(x, y, F.cross_entropy)
+    before = scaler.state_dict()
+    with pytest.raises(ht.NonFiniteLossError, match="λ step's update left a non-finite value"):
+        opt.val_step(x, y, F.cross_entropy)  # RMSprop at lr 1e38 overflows λ
+    assert scaler.state_dict() == before

@@ -116,6 +116,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         hm = _build(seed=rank)
         opt = _train(htd.prepare_ddp(hm, find_unused_parameters=True), hm, "delta", rank, world)
         results["find_unused"] = _state(hm, opt)
+        _antithetic_round_trip(rank, world, out)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         # Both ranks done before either tears down: a rank destroying its gloo group while the
         # other's last collective is still in flight aborted once ("terminate called without an
@@ -185,6 +186,27 @@ def _checkpoint_round_trip(hm, opt, rank: int, world: int, out: str) -> None:
     a, b = _state(hm, opt), _state(fresh, fresh_opt)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert fresh_opt.train_steps == STEPS
+
+
+def _antithetic_round_trip(rank: int, world: int, out: str) -> None:
+    """Each rank draws its own ε, so each waits on its own pair's second half: a checkpoint must
+    give every rank its own back (it used to give every rank rank 0's)."""
+    hm = _build(seed=rank)
+    opt = _train(htd.prepare_ddp(hm), hm, "delta", rank, world, antithetic=True)
+    mine = opt._noise.pending
+    assert mine is not None  # three Θ steps: a pair's first half waits
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    assert not torch.equal(everyone[0], everyone[1])  # the ranks' halves differ
+    path = os.path.join(out, "antithetic.ckpt")
+    htc.save(path, model=opt.model, optimizer=opt)
+    fresh = _build(seed=99)
+    fresh_opt = ht.DeltaSTNOptimizer(
+        htd.prepare_ddp(fresh), torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9),
+        tune_scales=True, response_every=1, antithetic=True,
+    )
+    htc.load(path, model=fresh_opt.model, optimizer=fresh_opt)
+    assert torch.equal(fresh_opt._noise.pending, mine)
 
 
 def _free_port() -> int:

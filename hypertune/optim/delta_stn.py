@@ -317,7 +317,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         """
         self._check_can_step("train_step")
         hm = self.hyper_model
-        batch = Batch.of(hm, inputs, target)
+        batch = self._batch(inputs, target)
         response = None
         if self.mode != "stn" and self.train_steps % self.response_every == 0:
             response = batch.first(max(1, round(batch.rows * self.response_fraction)))
@@ -345,7 +345,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         """
         self._check_can_step("val_step")
         hm = self.hyper_model
-        batch = Batch.of(hm, inputs, target)
+        batch = self._batch(inputs, target)
         with hm.exclusive(), model_mode(self.model, False):
             self.zero_grad()
             if self.train_steps < self.warmup_steps:
@@ -360,6 +360,20 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             if taken:
                 self.val_steps += 1
             return self._record("val", losses, taken)
+
+    def _batch(self, inputs: Any, target: Any) -> Batch:
+        try:
+            return Batch.of(self.hyper_model, inputs, target)
+        except HyperTuneError as err:
+            if self._ddp is not None:
+                # raised on this process alone, before any collective: the others would wait
+                _add_note(
+                    err,
+                    "hypertune: under DDP every process must take the step with at least one example, "
+                    "or the other processes wait for this one (drop_last=True on the DistributedSampler "
+                    "avoids an empty last batch)",
+                )
+            raise
 
     def _check_can_step(self, what: str) -> None:
         if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
@@ -530,6 +544,17 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             self._lr_reference = (float(base0), [float(v) for v in resp0])
             self.history = history
             self._noise.load_state_dict(state.get("noise", {}), hp)
+
+    def _local_state(self) -> dict[str, Any]:
+        """What differs between DDP ranks and the state dict (rank 0's) cannot hold: the pending
+        half of this rank's antithetic pair (each rank draws its own ε)."""
+        noise = self._noise.state_dict()
+        if noise["pending"] is not None:
+            noise["pending"] = noise["pending"].cpu()
+        return {"noise": noise}
+
+    def _load_local_state(self, state: Mapping[str, Any]) -> None:
+        self._noise.load_state_dict(state.get("noise", {}), self.hyper_model.hparams)
 
     # ---- conveniences ------------------------------------------------------------------------
     def hparams(self) -> dict[str, float]:

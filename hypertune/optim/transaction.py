@@ -24,6 +24,8 @@ states are taken only where they are cheap or the risk is new:
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -205,6 +207,7 @@ class StepTransaction:
         self.committed = False
         self.writing = False
         self._unrestored: list[str] | None = None
+        self._scaler_saved: list[tuple[Tensor, Tensor]] = []
 
     # ---- begin ---------------------------------------------------------------------------------
     def begin(self) -> StepTransaction:
@@ -274,6 +277,12 @@ class StepTransaction:
             part.grad_ok = _finite_sum([p.grad for p in part.params if p.grad is not None], part.objective)
             flags += [part.loss_ok, part.grad_ok]
         if scaler is not None and unscaled:
+            # A step the write check refuses later must not count as a good step: keep the
+            # scaler's counters to put back then (tensors, no device read).
+            self._scaler_saved = [
+                (t, t.clone()) for t in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None))
+                if torch.is_tensor(t)
+            ]
             scaler.update()  # lowers the scale if unscale_ found inf/NaN, else counts a good step
         both = [f.to(self._device, torch.float32) for f in flags]
         both += [r.detach().to(self._device, torch.float32).reshape(()) for r in read]
@@ -284,7 +293,11 @@ class StepTransaction:
             loss_fine, grad_fine = values[2 * i], values[2 * i + 1]
             if not loss_fine:
                 loss_bad = True
-                problems.append(f"the {part.what}'s loss is {part.objective.item()}")
+                value = part.objective.item()
+                if math.isfinite(value):  # DDP: the ranks agreed on another rank's verdict
+                    problems.append(f"the {part.what}'s loss is not finite on another process (here {value})")
+                else:
+                    problems.append(f"the {part.what}'s loss is {value}")
             elif not grad_fine:
                 problems.append(f"the {part.what}'s gradients are not finite")
         overflow_only = scaler is not None and bool(problems) and not loss_bad
@@ -329,6 +342,9 @@ class StepTransaction:
             ]
         if problems:
             self.rollback()
+            with torch.no_grad():
+                for live, saved in self._scaler_saved:  # not a good step after all
+                    live.copy_(saved)
             return problems
         self.committed = True
         self._clear_grads()

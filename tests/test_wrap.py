@@ -1089,7 +1089,7 @@ def test_a_weight_computed_by_a_legacy_hook_is_refused_with_its_cause(hooked, me
 
 
 def test_stn_mode_says_at_construction_when_unwrap_will_not_be_able_to_fold():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import StdConv2d
 
     net = nn.Sequential(StdConv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))

@@ -299,3 +299,19 @@ def test_a_list_given_as_the_inputs_gets_a_hint_when_the_model_rejects_it():
     with pytest.raises(TypeError) as info:
         opt.train_step([x], y, F.cross_entropy)
     assert any("pass several positional arguments as a tuple" in n for n in info.value.__notes__)
+
+
+def test_a_refused_first_step_puts_back_a_wrapped_optimizers_state():
+    """timm's Lookahead keeps its state in the SGD it wraps: the first step's snapshot saw none,
+    so momentum buffers and the lookahead counter written by a refused step stayed."""
+    timm_optim = pytest.importorskip("timm.optim")
+    hm = ht.HyperModel.wrap(_net(), {"drop": ht.DropoutRate(init=0.1)})
+    sgd = torch.optim.SGD(hm.parameters(), lr=1e38, momentum=0.9)  # the update overflows to inf
+    opt = ht.DeltaSTNOptimizer(hm, timm_optim.Lookahead(sgd, k=2))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    before = {k: v.clone() for k, v in hm.state_dict().items()}
+    with pytest.raises(ht.NonFiniteLossError, match="left a non-finite value"):
+        opt.train_step(x, y, lambda o, t: 1e3 * F.cross_entropy(o, t))
+    assert all(torch.equal(before[k], v) for k, v in hm.state_dict().items())
+    assert len(sgd.state) == 0 and sgd.param_groups[0]["lookahead_step"] == 0
+    assert opt.optimizer.param_groups is sgd.param_groups  # still linked

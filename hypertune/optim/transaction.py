@@ -24,6 +24,7 @@ states are taken only where they are cheap or the risk is new:
 
 from __future__ import annotations
 
+import copy
 import math
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -92,11 +93,23 @@ def _sum(t: Tensor) -> Tensor:
     return t.sum().float()
 
 
+def _inner_optimizer(opt: Any) -> torch.optim.Optimizer | None:
+    """The optimizer a wrapper (timm's Lookahead, a SAM) steps and keeps its state in, if any."""
+    for name in ("_base_optimizer", "base_optimizer", "optimizer"):
+        inner = getattr(opt, name, None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
+            return inner
+    return None
+
+
 def _state_tensors(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> list[Tensor]:
     """The floating-point state that lives beside each parameter. torch keeps Adam/RMSprop's
     ``step`` counter on the CPU for a CUDA parameter: a count, never non-finite, and on another
     device than the sums it would be stacked with."""
     state = opt.state
+    inner = _inner_optimizer(opt)
+    if inner is not None and not any(p in state for p in params):
+        state = inner.state  # the wrapper keeps none of its own
     return [
         v
         for p in params
@@ -167,6 +180,7 @@ class _Saved:
     buffers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     versions: list[tuple[nn.Module, str, Tensor, int]] = field(default_factory=list)  # every buffer slot
     params: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
+    wrappers: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
     optimizer_states: list[tuple[torch.optim.Optimizer, nn.Parameter, dict[str, Any] | None]] = field(
         default_factory=list
     )
@@ -313,6 +327,11 @@ class StepTransaction:
                 if part.snapshot or self._full:
                     saved.params += [(p, p.detach().clone()) for p in part.params]
                     for opt in part.optimizers:
+                        if _inner_optimizer(opt) is not None:
+                            # a wrapper's state lives in its inner optimizer and its counters in
+                            # shared param groups: its own state_dict round trip covers both
+                            saved.wrappers.append((opt, copy.deepcopy(opt.state_dict())))
+                            continue
                         owned = {id(q) for g in opt.param_groups for q in g["params"]}
                         for p in part.params:
                             if p in opt.state:
@@ -374,6 +393,8 @@ class StepTransaction:
         for m, name, buf, _ in saved.versions:  # a buffer the forward replaced: the old tensor back
             if getattr(m, name, None) is not buf:
                 setattr(m, name, buf)
+        for opt, state_dict in saved.wrappers:
+            opt.load_state_dict(state_dict)
         for opt, p, state in saved.optimizer_states:
             if state is None:
                 opt.state.pop(p, None)

@@ -336,7 +336,22 @@ class HyperModel(nn.Module):
 
     # ---- parameters by role ------------------------------------------------------------------
     def hyper_layers(self) -> dict[str, HyperLayer]:
-        return {p: self.module.get_submodule(p) if p else self.module for p in self._layer_paths}  # type: ignore[misc]
+        layers = {}
+        for path in self._layer_paths:
+            try:
+                module = self.module.get_submodule(path) if path else self.module
+            except AttributeError:
+                module = None
+            if not isinstance(module, HyperLayer):
+                raise HyperTuneError(
+                    f"hyper-layer {path!r} is no longer where wrap put it (found "
+                    f"{f'{type(module).__module__}.{type(module).__qualname__}' if module is not None else 'nothing'}): the model's modules were "
+                    "replaced after wrapping (e.g. peft's get_peft_model adds its adapters that way). Change "
+                    "the model first, then wrap it: plain = hyper_model.unwrap(), modify plain, "
+                    "HyperModel.wrap(plain, ...)"
+                )
+            layers[path] = module
+        return layers
 
     def response_parameters(self) -> list[nn.Parameter]:
         """Θ: the best-response parameters of every hyper-layer."""

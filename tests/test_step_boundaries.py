@@ -315,3 +315,25 @@ def test_a_refused_first_step_puts_back_a_wrapped_optimizers_state():
     assert all(torch.equal(before[k], v) for k, v in hm.state_dict().items())
     assert len(sgd.state) == 0 and sgd.param_groups[0]["lookahead_step"] == 0
     assert opt.optimizer.param_groups is sgd.param_groups  # still linked
+
+
+class _Adapter(nn.Module):
+    """What peft's LoRA does to a Linear: a new module holding the old one as base_layer."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora = nn.Linear(base.in_features, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora(x)
+
+
+def test_modules_replaced_after_wrapping_are_refused_with_the_order_that_works():
+    hm = ht.HyperModel.wrap(_net(), {"drop": ht.DropoutRate(init=0.1)})
+    hm.module[0] = _Adapter(nn.Linear(4, 8))  # an adapter added to the wrapped model
+    with pytest.raises(ht.HyperTuneError, match=r"hyper-layer '0' is no longer where wrap put it .*then wrap"):
+        ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.1))
+    outer = nn.Sequential(ht.HyperModel.wrap(_net(), {"drop": ht.DropoutRate(init=0.1)}))
+    with pytest.raises(ht.HyperTuneError, match=r"sits inside Sequential \(at '0'\).*applied after HyperModel.wrap"):
+        ht.DeltaSTNOptimizer(outer, torch.optim.SGD(outer.parameters(), lr=0.1))

@@ -104,6 +104,13 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
+        if self.contributions:
+            # the sum is not in the real optimizer's state: a checkpoint would drop it silently
+            raise HyperTuneError(
+                f"{self.contributions} accumulated micro-batch(es) wait for the next update: call "
+                "accumulation.flush() before state_dict() or checkpoint.save, so that a resumed run "
+                "starts from the same weights"
+            )
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -64,6 +64,15 @@ def _resolve(model: nn.Module) -> HyperModel:
     try:
         return _distributed._inner_hyper_model(model)
     except HyperTuneError as err:
+        inside = None
+        if isinstance(model, nn.Module) and "wrap the model first" in str(err):  # not a known wrapper
+            inside = next((path for path, m in model.named_modules() if isinstance(m, HyperModel)), None)
+        if inside is not None:
+            raise HyperTuneError(
+                f"DeltaSTNOptimizer: the HyperModel sits inside {type(model).__name__} (at {inside!r}): a "
+                "wrapper (e.g. peft's get_peft_model) was applied after HyperModel.wrap. Apply it to the "
+                "plain model first, then wrap the result"
+            ) from None
         raise HyperTuneError(f"DeltaSTNOptimizer: {err}") from None
 
 

@@ -94,10 +94,12 @@ def _sum(t: Tensor) -> Tensor:
 
 
 def _inner_optimizer(opt: Any) -> torch.optim.Optimizer | None:
-    """The optimizer a wrapper (timm's Lookahead, a SAM) steps and keeps its state in, if any."""
+    """The optimizer a wrapper (timm's Lookahead, a SAM) steps and keeps its state in, if its own
+    ``state`` is not that one's (a wrapper that shares its inner optimizer's state, as hypertune's
+    AccumulatingOptimizer does, is snapshotted like the optimizer it shares it with)."""
     for name in ("_base_optimizer", "base_optimizer", "optimizer"):
         inner = getattr(opt, name, None)
-        if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
+        if isinstance(inner, torch.optim.Optimizer) and inner is not opt and getattr(opt, "state", None) is not inner.state:
             return inner
     return None
 

@@ -44,6 +44,13 @@ class TunedRate(float):
         return (float, (float(self),))  # a pickled rate is a plain number
 
 
+@torch.compiler.disable
+def tuned_rate(value: float, site: HyperDropout) -> TunedRate:
+    """A :class:`TunedRate`, built outside any graph: dynamo cannot set an attribute on a float
+    subclass, and may try to compile the constructor on its own when the caller runs eagerly."""
+    return TunedRate(value, site)
+
+
 def _tuned(value: Any) -> TunedRate | None:
     return value if isinstance(value, TunedRate) else None
 

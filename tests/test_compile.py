@@ -9,6 +9,8 @@ eagerly; the delta test runs on it.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch._dynamo
@@ -137,3 +139,41 @@ def test_a_compiled_model_stops_compiling_after_its_first_perturbed_passes(mode)
         opt.val_step(x, y, F.cross_entropy)
         seen.append(graphs[0])
     assert seen[2:] == [seen[2]] * len(seen[2:]), seen
+
+
+class _ReadsRate(nn.Module):
+    """timm's attention pattern: the dropout's rate handed to SDPA as ``self.attn_drop.p``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.attn_drop = nn.Dropout(0.1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.head(o.transpose(1, 2).reshape(b, n, c).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["delta", "centered"])
+def test_a_compiled_model_whose_attention_reads_a_tuned_rate_matches_eager(mode):
+    """The rate used to be a float subclass carrying its site, which dynamo cannot build (a raw
+    AssertionError). A pass with one rate now reads a plain float; the per-example interception
+    builds its rates outside the graph (a graph break), and the run equals the eager one."""
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+        hm = ht.HyperModel.wrap(_ReadsRate(), {"drop": ht.DropoutRate(init=0.1)})
+        model = torch.compile(hm, backend="eager") if compiled else hm
+        opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(hm.parameters(), lr=0.05), mode=mode, response_every=1)
+        torch.manual_seed(1)
+        for _ in range(3):
+            assert math.isfinite(opt.train_step(x, y, F.cross_entropy).loss)
+            assert opt.val_step(x, y, F.cross_entropy).updated
+        assert hm.perturbed_per_batch is None
+        runs.append([p.detach().clone() for p in hm.parameters()] + [hm.hparams.unconstrained.detach().clone()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import context
-from ..attention import TunedRate, intercepting
+from ..attention import intercepting, tuned_rate
 from ..errors import HyperTuneError, PerturbationError
 from ..linearize import scale_tangent_too
 from ..rows import SHARED, layout, note
@@ -134,14 +134,18 @@ class HyperDropout(nn.Module):
                     f"HyperDropout '{self.hyper_path}' has no rate outside a HyperModel: read it from "
                     "the HyperModel's hparam_values()"
                 )
-            return TunedRate(space.values()[self.hparam], self)
+            return tuned_rate(space.values()[self.hparam], self)
         self.__dict__["read_in"] = point
+        if torch.compiler.is_compiling() and point.rows == 1:
+            # one rate for the batch: a plain float (the site a TunedRate carries is only read by
+            # the per-example interception, and dynamo cannot trace a float subclass's attribute)
+            return float(point.value(self.hparam)[0])
         if point.rows > 1 and not intercepting():
             raise RateInterceptionNeeded(
                 f"HyperDropout '{self.hyper_path}': its rate is read as a float in a pass with one rate "
                 "per example; call the HyperModel, which intercepts where the rate goes"
             )
-        return TunedRate(_rate_float(point, self.hparam), self)
+        return tuned_rate(_rate_float(point, self.hparam), self)
 
     @p.setter
     def p(self, value: float) -> None:

@@ -645,18 +645,39 @@ def test_unlocked_forwards_in_another_thread_never_fail():
     assert outs and all(o.shape == (16, 3) and torch.isfinite(o).all() for o in outs)
 
 
-def test_a_model_moved_after_the_optimizer_was_built_is_put_back_whole():
-    # Module.to() replaces buffer tensors (the step must restore the live ones), and Adam's state
-    # for Θ stays float32, so its step raises after SGD has written w₀: the first step after a
-    # move is snapshotted in full, so that is undone too.
+def test_a_model_moved_after_the_optimizer_was_built_is_put_back_whole(monkeypatch):
+    # Module.to() replaces buffer tensors (the step must restore the live ones); Θ's optimizer
+    # raising after SGD has written w₀ is undone, since the first step after a move is
+    # snapshotted in full.
     model, opt = _setup()
     _warm(opt)
     model.to(torch.float64)
+    opt.train_step(*(t.double() if t.is_floating_point() else t for t in _batch(6)), F.cross_entropy)
+    model.to(torch.float32)  # moved again: the next step is a full one
     x, y = _batch(7)
     before = _everything(model, opt)
-    with pytest.raises(RuntimeError):
-        opt.train_step(x.double(), y, F.cross_entropy)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Θ's optimizer failed")
+
+    monkeypatch.setattr(opt.response_optimizer, "step", fails)
+    with pytest.raises(RuntimeError, match="Θ's optimizer failed"):
+        opt.train_step(x, y, F.cross_entropy)
     _assert_identical(before, _everything(model, opt))
+
+
+def test_thetas_optimizer_state_follows_the_model_to_another_dtype():
+    """Fused Adam refused a float32 moment for a float64 Θ ("expected scalar type Double but found
+    Float") after model.double(); plain torch with SGD trains on, and so does a tuned model now."""
+    model, opt = _setup()
+    _warm(opt)
+    model.double()
+    x, y = _batch(7)
+    result = opt.train_step(x.double(), y, F.cross_entropy)
+    assert math.isfinite(result.loss)
+    assert opt.val_step(x.double(), y, F.cross_entropy).updated
+    for p, entry in opt.response_optimizer.state.items():
+        assert all(v.dtype == torch.float64 for k, v in entry.items() if torch.is_tensor(v) and v.shape == p.shape)
 
 
 def test_an_interrupt_while_waiting_for_the_model_lock_does_not_block_it_for_good():

@@ -14,7 +14,8 @@ the Θ steps' perturbations in :mod:`.noise`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -330,7 +331,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         response = None
         if self.mode != "stn" and self.train_steps % self.response_every == 0:
             response = batch.first(max(1, round(batch.rows * self.response_fraction)))
-        with hm.exclusive(), model_mode(self.model, True):
+        with hm.exclusive(), model_mode(self.model, True), self._placement_followed():
             self._follow_lr()
             self.zero_grad()
             tx = self._transaction("train")
@@ -355,7 +356,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         self._check_can_step("val_step")
         hm = self.hyper_model
         batch = self._batch(inputs, target)
-        with hm.exclusive(), model_mode(self.model, False):
+        with hm.exclusive(), model_mode(self.model, False), self._placement_followed():
             self.zero_grad()
             if self.train_steps < self.warmup_steps:
                 with torch.no_grad(), self._ctx.autocast_region():
@@ -421,6 +422,33 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             scaler=scaler,
             average=average,
         ).begin()
+
+    @contextmanager
+    def _placement_followed(self) -> Iterator[None]:
+        """After ``model.to(dtype/device)``, bring Θ's and λ's optimizer state along (fused Adam
+        refuses a float32 moment for a float64 Θ); the user's optimizer is left as the user built
+        it. A step that raises takes the conversion back with everything else."""
+        placement = self._placement()
+        previous = getattr(self, "_state_placement", placement)
+        undo: list[tuple[Any, Tensor, str, Tensor]] = []
+        if previous != placement:
+            with torch.no_grad():
+                for opt in (self.response_optimizer, self.hyper_optimizer):
+                    for p, entry in getattr(opt, "state", {}).items():
+                        if not torch.is_tensor(p):
+                            continue
+                        for key, value in list(entry.items()):
+                            if torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape:
+                                undo.append((opt, p, key, value))
+                                entry[key] = value.to(dtype=p.dtype, device=p.device)
+        try:
+            yield
+        except BaseException:
+            for opt, p, key, value in undo:  # into the entry a rolled-back step put back
+                if p in opt.state:
+                    opt.state[p][key] = value
+            raise
+        self._state_placement = placement
 
     def _placement(self) -> tuple[Any, ...]:
         """Dtypes and devices of the parameters (a model moved after the optimizer was built can

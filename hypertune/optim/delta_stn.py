@@ -190,13 +190,13 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         if (half := float16_notice(hm)) is not None:
             notice(half)
         if mode == "stn":
-            unfoldable = [r for layer in hm.hyper_layers().values() if (r := layer.bake_refusal()) is not None]
+            unfoldable = {path: r for path, layer in hm.hyper_layers().items() if (r := layer.bake_refusal()) is not None}
             if unfoldable:
                 notice(
                     "hypertune: mode='stn' folds Θ into the weights when the run ends (unwrap), and "
-                    f"some layers cannot take that: {'; '.join(unfoldable)}. The run trains, but "
-                    "unwrap() will refuse; the centered modes ('delta', the default, or 'centered') need "
-                    "no fold"
+                    f"{listing(list(unfoldable))} cannot take that (the first: {next(iter(unfoldable.values()))}). "
+                    "The run trains, but unwrap() will refuse; the centered modes ('delta', the default, "
+                    "or 'centered') need no fold"
                 )
 
         self.model = model

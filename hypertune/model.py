@@ -292,10 +292,7 @@ class HyperModel(nn.Module):
 
     def coverage(self) -> Coverage:
         """Which weight-bearing modules stay w₀ (and why), and the share of weights tuned."""
-        theta = {id(p) for p in self.response_parameters()}
-        tuned: set[int] = set()
-        for layer in self.hyper_layers().values():
-            tuned.update(id(p) for p in layer.parameters() if id(p) not in theta)
+        tuned = {id(p) for own in self.hyper_layer_weights().values() for p in own}
         base = [p for p in self.base_parameters() if p.requires_grad]  # frozen weights are not for tuning
         total = sum(p.numel() for p in base)
         covered = sum(p.numel() for p in base if id(p) in tuned)
@@ -304,11 +301,9 @@ class HyperModel(nn.Module):
     def unreached_layers(self, called: set[str]) -> list[str]:
         """Hyper-layers whose response no called layer carries: a layer never called is fine
         when it shares its response with one that was (tied weights, e.g. T5's ``shared``)."""
-        reached = {id(layer.hyper_projection) for path, layer in self.hyper_layers().items() if path in called}
-        return [
-            path for path, layer in self.hyper_layers().items()
-            if path not in called and id(layer.hyper_projection) not in reached
-        ]
+        layers = self.hyper_layers()
+        reached = {id(layer.hyper_projection) for path, layer in layers.items() if path in called}
+        return [path for path, layer in layers.items() if path not in called and id(layer.hyper_projection) not in reached]
 
     def describe_hparams(self) -> dict[str, dict[str, Any]]:
         """Per tuned value: its kind, its spec (serialized) and where it acts; valid for
@@ -364,6 +359,14 @@ class HyperModel(nn.Module):
     def hyper_parameters(self) -> list[nn.Parameter]:
         """λ and the raw perturbation scales."""
         return [self.hparams.unconstrained, self.hparams.raw_scale]
+
+    def hyper_layer_weights(self) -> dict[str, list[nn.Parameter]]:
+        """Each hyper-layer's own w₀ parameters (its weights and biases, not Θ), by path."""
+        theta = {id(p) for p in self.response_parameters()}
+        return {
+            path: [p for p in layer.parameters() if id(p) not in theta]
+            for path, layer in self.hyper_layers().items()
+        }
 
     def base_parameters(self) -> list[nn.Parameter]:
         """w₀: every parameter of the user's model, hyper-layers' original weights included."""

@@ -103,12 +103,11 @@ def _held(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
 
 def layer_weights(hm: HyperModel) -> list[tuple[str, list[nn.Parameter]]]:
     """Each hyper-layer's own w₀ weight matrices (not Θ, not biases)."""
-    theta = {id(p) for p in hm.response_parameters()}
     out = []
-    for path, layer in hm.hyper_layers().items():
-        own = [p for p in layer.parameters() if id(p) not in theta and p.dim() >= 2]
-        if own:
-            out.append((path, own))
+    for path, own in hm.hyper_layer_weights().items():
+        matrices = [p for p in own if p.dim() >= 2]
+        if matrices:
+            out.append((path, matrices))
     return out
 
 
@@ -151,11 +150,10 @@ def take_over_problems(
     held_ids = {id(p) for p in held}
     names = {id(p): n for n, p in hm.named_parameters()}
     missing = [p for p in base if p.requires_grad and id(p) not in held_ids]
-    theta = {id(p) for p in response}
-    in_layers = {id(p) for layer in hm.hyper_layers().values() for p in layer.parameters() if id(p) not in theta}
     if missing:
         # A hyper-layer's weights cannot simply be frozen now (the check below refuses that):
         # its response would still count in λ's gradient.
+        in_layers = {id(p) for own in hm.hyper_layer_weights().values() for p in own}
         wrapped = [names.get(id(p), "?") for p in missing if id(p) in in_layers]
         freeze = (
             "or, to train only part of the model, freeze the rest before wrapping: plain = "

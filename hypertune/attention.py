@@ -15,7 +15,6 @@ asks for per-batch perturbation (:class:`~hypertune.rows.BatchPerturbationNeeded
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .rows import BatchPerturbationNeeded
+from .rows import BatchPerturbationNeeded, per_thread
 
 if TYPE_CHECKING:
     from .layers.dropout import HyperDropout
@@ -109,19 +108,12 @@ def math_attention(
 
 
 class _Active:
+    """How many TunedRateCalls modes are active, per thread as torch's function modes are."""
+
     count = 0
 
 
-class _ThreadActive(threading.local, _Active):
-    """Per thread, as torch's function modes are: another thread's forward has no such mode."""
-
-
-_THREAD_ACTIVE = _ThreadActive()
-_TRACED_ACTIVE = _Active()  # torch.compile cannot trace a thread-local
-
-
-def _active() -> _Active:
-    return _TRACED_ACTIVE if torch.compiler.is_compiling() else _THREAD_ACTIVE
+_active = per_thread(_Active)
 
 
 def intercepting() -> bool:

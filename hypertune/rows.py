@@ -11,10 +11,10 @@ which is correct for any layout.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -222,18 +222,23 @@ class _PassState:
         self.grown: list[str] = []
 
 
-class _ThreadPassState(threading.local, _PassState):
-    """One per thread: two models' passes in two threads must not see each other's probe or guide."""
+T = TypeVar("T")
 
 
-_THREAD = _ThreadPassState()
-# torch.compile cannot trace a thread-local: a compiled forward keeps its state in a plain object
-# (the HyperModel's lock serializes that model's forwards).
-_TRACED = _PassState()
+def per_thread(cls: type[T]) -> Callable[[], T]:
+    """A getter of ``cls()`` state kept per thread (passes of two models in two threads must
+    not see each other's), except in a forward torch.compile traces, which cannot trace a
+    thread-local and gets one plain instance (the HyperModel's lock serializes its forwards)."""
+    local = type(f"_Thread{cls.__name__}", (threading.local, cls), {})()
+    traced = cls()
+
+    def state() -> T:
+        return traced if torch.compiler.is_compiling() else local
+
+    return state
 
 
-def _state() -> Any:
-    return _TRACED if torch.compiler.is_compiling() else _THREAD
+_state = per_thread(_PassState)
 
 
 def grown_site() -> str | None:

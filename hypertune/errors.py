@@ -9,6 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def add_note(err: BaseException, note: str) -> None:
+    """Attach ``note`` to an error the user's code raised (Python 3.11+; dropped on 3.10, where the
+    error itself still reaches the user)."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+
+
 class HyperTuneError(Exception):
     """Base class: catch this to catch anything hypertune refuses."""
 

@@ -213,3 +213,57 @@ def test_a_checkpoint_with_accumulated_micro_batches_pending_is_refused(tmp_path
         assert not (tmp_path / "run.pt").exists()
         accumulation.flush()
         checkpoint.save(tmp_path / "run.pt", model=hm, optimizer=opt)  # between updates: fine
+
+
+class _RaisingSGD(torch.optim.SGD):
+    """Writes half its parameters, then raises (as an optimizer meeting an unsupported case would)."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        with torch.no_grad():
+            for p in params[: len(params) // 2]:
+                p.add_(1.0)
+        raise RuntimeError("inner step failed")
+
+
+class _NaNAdam(torch.optim.Adam):
+    """An Adam whose first update leaves NaN in its state (a running square that overflowed)."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        super().step(closure)
+        for s in self.state.values():
+            s["exp_avg_sq"].fill_(float("nan"))
+
+
+@pytest.mark.parametrize("inner", [_RaisingSGD, _NaNAdam])
+def test_the_first_accumulated_flush_is_all_or_nothing(inner):
+    """train_step's first step is snapshotted and checked after writing; a flush under gradient
+    accumulation is that first write, and it was neither: a raising inner optimizer left half the
+    weights moved and the micro-batches dropped, and a NaN in Adam's state went through."""
+    from hypertune.integrations.accumulation import GradientAccumulation
+
+    torch.manual_seed(0)
+    hm = ht.HyperModel.wrap(_net(), {"drop": ht.DropoutRate(init=0.2)})
+    opt = ht.DeltaSTNOptimizer(hm, inner(hm.parameters(), lr=0.05), response_every=1)
+    before = {k: v.clone() for k, v in hm.state_dict().items()}
+    with GradientAccumulation(opt) as accumulation:
+        opt.train_step(*_batch(0), F.cross_entropy)
+        opt.train_step(*_batch(1), F.cross_entropy)
+        theta = accumulation.response.optimizer  # Θ's real optimizer
+        theta_state = {k: v.clone() for k, v in _flat(theta.state).items()}
+        with pytest.raises((RuntimeError, ht.NonFiniteLossError)) as caught:
+            accumulation.flush()
+        if inner is _NaNAdam:
+            assert "put back" in str(caught.value) and "2 micro-batch(es) stay pending" in str(caught.value)
+        for k, v in hm.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert not opt.optimizer.state  # the weights' optimizer state is as before: empty
+        after = _flat(theta.state)
+        assert after.keys() == theta_state.keys() and all(torch.equal(after[k], v) for k, v in theta_state.items())
+        assert accumulation.pending == 2  # nothing dropped: the user can lower the rate and flush again
+        for group in opt.optimizer.param_groups:
+            assert all(p.grad is None for p in group["params"])
+
+
+def _flat(state: dict) -> dict:
+    return {(id(p), k): v for p, s in state.items() for k, v in s.items() if torch.is_tensor(v)}

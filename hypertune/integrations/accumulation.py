@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import HyperTuneError
+from ..errors import HyperTuneError, NonFiniteLossError, add_note
 from ..optim import DeltaSTNOptimizer
+from ..optim.transaction import BAD_WRITE, WriteSnapshot, writes_finite
 
 
 class AccumulatingOptimizer(torch.optim.Optimizer):
@@ -77,23 +78,33 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 entry[1].add_(p.grad)
         self.contributions += 1
 
-    @torch.no_grad()
+    @property
+    def summed(self) -> list[torch.nn.Parameter]:
+        """The parameters the next flush updates."""
+        return [p for p, _ in self._sums.values()]
+
     def flush(self) -> bool:
         """Step the real optimizer once on the mean gradient; False if nothing was added."""
         if not self.contributions:
             self.discard()
             return False
+        self.step_on_mean()
+        self.discard()
+        return True
+
+    @torch.no_grad()
+    def step_on_mean(self) -> None:
+        """Step the real optimizer on the mean gradient, keeping the sums (for a flush that is put
+        back) until :meth:`discard`."""
         for p in self._params():
             p.grad = None
-        for p, total in self._sums.values():
-            p.grad = total.div_(self.contributions)
         try:
+            for p, total in self._sums.values():
+                p.grad = total / self.contributions
             self.optimizer.step()
         finally:
             for p, _ in self._sums.values():
                 p.grad = None
-            self.discard()
-        return True
 
     def discard(self) -> None:
         """Forget the gradients added since the last flush."""
@@ -140,6 +151,7 @@ class GradientAccumulation:
         self.response = AccumulatingOptimizer(stn.response_optimizer)
         stn.optimizer = self.weights
         stn.response_optimizer = self.response
+        self._checked = False  # the first flush is snapshotted and checked, as a first train_step is
 
     @property
     def pending(self) -> int:
@@ -149,10 +161,47 @@ class GradientAccumulation:
     def flush(self) -> bool:
         """One update of w₀ and of Θ on the mean of the micro-batches since the last flush.
 
-        Returns whether w₀ was updated (False when every micro-batch was refused).
+        Returns whether w₀ was updated (False when every micro-batch was refused). The first flush
+        is all-or-nothing, as ``train_step``'s first step is: if an inner optimizer raises or leaves
+        a non-finite value, w₀, Θ and their optimizers' state are put back and the micro-batches
+        stay pending (call :meth:`close` to drop them).
         """
-        stepped = self.weights.flush()
-        self.response.flush()
+        parts = [a for a in (self.weights, self.response) if a.contributions]
+        if not parts:
+            self.weights.discard()
+            self.response.discard()
+            return False
+        snapshot = None
+        if not self._checked:
+            snapshot = WriteSnapshot()
+            for a in parts:
+                snapshot.add(a.summed, [a.optimizer])
+        try:
+            for a in parts:
+                a.step_on_mean()
+            if snapshot is not None:
+                like = parts[0].summed[0]
+                checks = [writes_finite(a.summed, [a.optimizer], like).to(like.device) for a in parts]
+                if not bool(torch.stack(checks).all()):
+                    raise NonFiniteLossError(
+                        f"accumulation.flush() was refused: the {BAD_WRITE}. w₀, Θ and their optimizers' "
+                        f"state were put back and the {self.pending} micro-batch(es) stay pending; lower the "
+                        "learning rate, or call accumulation.close() to drop them"
+                    )
+        except BaseException as err:
+            if snapshot is not None:
+                snapshot.restore()
+                if not isinstance(err, NonFiniteLossError):
+                    add_note(
+                        err,
+                        "hypertune: accumulation.flush() was put back: w₀, Θ and their optimizers' state "
+                        f"are as before it, and the {self.pending} micro-batch(es) stay pending"
+                    )
+            raise
+        stepped = bool(self.weights.contributions)
+        self.weights.discard()
+        self.response.discard()
+        self._checked = True
         return stepped
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as _distributed
-from ..errors import CHECKPOINTING_FIX, HyperTuneError, NonFiniteLossError, StateDictError
+from ..errors import CHECKPOINTING_FIX, HyperTuneError, NonFiniteLossError, StateDictError, add_note
 from ..history import History, Record
 from ..linearize import needs_op_rewrites
 from ..model import HyperModel
@@ -75,11 +75,6 @@ def _resolve(model: nn.Module) -> HyperModel:
                 "plain model first, then wrap the result"
             ) from None
         raise HyperTuneError(f"DeltaSTNOptimizer: {err}") from None
-
-
-def _add_note(err: BaseException, note: str) -> None:
-    if hasattr(err, "add_note"):  # Python >= 3.11
-        err.add_note(note)
 
 
 class DeltaSTNOptimizer(torch.optim.Optimizer):
@@ -377,7 +372,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         except HyperTuneError as err:
             if self._ddp is not None:
                 # raised on this process alone, before any collective: the others would wait
-                _add_note(
+                add_note(
                     err,
                     "hypertune: under DDP every process must take the step with at least one example, "
                     "or the other processes wait for this one (drop_last=True on the DistributedSampler "
@@ -478,7 +473,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             return False, losses
         err = refusal(problems, what)
         if unrestored:
-            _add_note(err, unrestored_note(unrestored))
+            add_note(err, unrestored_note(unrestored))
         raise err
 
     def _record(self, kind: Literal["train", "val"], losses: tuple[float, float | None], taken: bool) -> StepResult:
@@ -620,18 +615,18 @@ class _Rollback:
         unrestored = self.tx.rollback()
         self.clear_grads()
         if isinstance(err, TypeError) and isinstance(self.inputs, list) and "list" in str(err):
-            _add_note(
+            add_note(
                 err,
                 f"hypertune: {self.what} passes inputs to the model as they are given, and a list is one "
                 "argument (a model may take a list, as torchvision's detection models do): pass several "
                 "positional arguments as a tuple, or keyword arguments as a dict",
             )
         if undone:
-            _add_note(err, f"hypertune: {self.what} was rolled back: {UNCHANGED}.")
+            add_note(err, f"hypertune: {self.what} was rolled back: {UNCHANGED}.")
             if unrestored:
-                _add_note(err, unrestored_note(unrestored))
+                add_note(err, unrestored_note(unrestored))
         else:
-            _add_note(
+            add_note(
                 err,
                 f"hypertune: an inner optimizer raised while {self.what} wrote its update: buffers, "
                 "RNG states, counters and History were put back, but parameters it had already "

@@ -175,17 +175,67 @@ class BufferTracker:
 
 
 @dataclass
+class WriteSnapshot:
+    """Copies of parameters and of their optimizers' state, taken before ``optimizer.step()``:
+    what an optimizer step writes, put back by :meth:`restore` if the step raises or leaves a
+    non-finite value."""
+
+    params: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
+    wrappers: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
+    optimizer_states: list[tuple[torch.optim.Optimizer, nn.Parameter, dict[str, Any] | None]] = field(
+        default_factory=list
+    )
+
+    @torch.no_grad()
+    def add(self, params: Sequence[nn.Parameter], optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        self.params += [(p, p.detach().clone()) for p in params]
+        for opt in optimizers:
+            if _inner_optimizer(opt) is not None:
+                # a wrapper's state lives in its inner optimizer and its counters in shared
+                # param groups: its own state_dict round trip covers both
+                self.wrappers.append((opt, copy.deepcopy(opt.state_dict())))
+                continue
+            owned = {id(q) for g in opt.param_groups for q in g["params"]}
+            for p in params:
+                if p in opt.state:
+                    self.optimizer_states.append((opt, p, _clone_state(opt.state[p])))
+                elif id(p) in owned:
+                    self.optimizer_states.append((opt, p, None))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, value in self.params:
+                p.copy_(value)
+        for opt, state_dict in self.wrappers:
+            opt.load_state_dict(state_dict)
+        for opt, p, state in self.optimizer_states:
+            if state is None:
+                opt.state.pop(p, None)
+            else:
+                opt.state[p] = state
+
+
+def writes_finite(params: Sequence[nn.Parameter], optimizers: Iterable[torch.optim.Optimizer], like: Tensor) -> Tensor:
+    """True (a tensor, no device read) where ``params`` and their optimizers' state are finite."""
+    state = [t for opt in optimizers for t in _state_tensors(opt, params)]
+    return _finite_sum([*params, *state], like)
+
+
+#: The problem a write check reports.
+BAD_WRITE = (
+    "update left a non-finite value in its parameters or its optimizer's state (e.g. "
+    "RMSprop/Adam's running square of a huge gradient overflowed)"
+)
+
+
+@dataclass
 class _Saved:
     """What a transaction can put back."""
 
     rng: list[tuple[Callable[[Tensor], None], Tensor]] = field(default_factory=list)
     buffers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     versions: list[tuple[nn.Module, str, Tensor, int]] = field(default_factory=list)  # every buffer slot
-    params: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
-    wrappers: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
-    optimizer_states: list[tuple[torch.optim.Optimizer, nn.Parameter, dict[str, Any] | None]] = field(
-        default_factory=list
-    )
+    writes: WriteSnapshot = field(default_factory=WriteSnapshot)
 
 
 def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -324,22 +374,9 @@ class StepTransaction:
         """Run every part's optimizers. Returns problems found in snapshotted parts' writes (then
         everything is already put back); an optimizer raising is put back where a snapshot allows."""
         saved = self._saved
-        with torch.no_grad():
-            for part in self.parts:
-                if part.snapshot or self._full:
-                    saved.params += [(p, p.detach().clone()) for p in part.params]
-                    for opt in part.optimizers:
-                        if _inner_optimizer(opt) is not None:
-                            # a wrapper's state lives in its inner optimizer and its counters in
-                            # shared param groups: its own state_dict round trip covers both
-                            saved.wrappers.append((opt, copy.deepcopy(opt.state_dict())))
-                            continue
-                        owned = {id(q) for g in opt.param_groups for q in g["params"]}
-                        for p in part.params:
-                            if p in opt.state:
-                                saved.optimizer_states.append((opt, p, _clone_state(opt.state[p])))
-                            elif id(p) in owned:
-                                saved.optimizer_states.append((opt, p, None))
+        for part in self.parts:
+            if part.snapshot or self._full:
+                saved.writes.add(part.params, part.optimizers)
         self.writing = True
         stepped: set[int] = set()
         for part in self.parts:
@@ -350,17 +387,9 @@ class StepTransaction:
         problems = []
         written = [part for part in self.parts if part.snapshot or self._full]
         if written:
-            checks = []
-            for part in written:
-                state = [t for opt in part.optimizers for t in _state_tensors(opt, part.params)]
-                checks.append(_finite_sum([*part.params, *state], part.objective))
+            checks = [writes_finite(part.params, part.optimizers, part.objective) for part in written]
             values = torch.stack([c.to(self._device) for c in checks]).tolist()
-            problems = [
-                f"the {part.what}'s update left a non-finite value in its parameters or its "
-                "optimizer's state (e.g. RMSprop/Adam's running square of a huge gradient overflowed)"
-                for part, fine in zip(written, values)
-                if not fine
-            ]
+            problems = [f"the {part.what}'s {BAD_WRITE}" for part, fine in zip(written, values) if not fine]
         if problems:
             self.rollback()
             with torch.no_grad():
@@ -390,18 +419,10 @@ class StepTransaction:
         with torch.no_grad():
             for buf, value in saved.buffers:
                 buf.copy_(value)
-            for p, value in saved.params:
-                p.copy_(value)
+        saved.writes.restore()
         for m, name, buf, _ in saved.versions:  # a buffer the forward replaced: the old tensor back
             if getattr(m, name, None) is not buf:
                 setattr(m, name, buf)
-        for opt, state_dict in saved.wrappers:
-            opt.load_state_dict(state_dict)
-        for opt, p, state in saved.optimizer_states:
-            if state is None:
-                opt.state.pop(p, None)
-            else:
-                opt.state[p] = state
         for set_state, value in saved.rng:
             set_state(value)
         self._clear_grads()

@@ -201,7 +201,7 @@ class HyperModel(nn.Module):
         self.module = module
         self.hparams = hparams
         self.training = module.training
-        self.centered = True
+        self._centered = True
         self._unwrapped: list[nn.Module] = []  # the module unwrap() returned (a list: not a submodule)
         # where each tuned value acts (module paths / parameter names), and what stays w₀
         self._where: dict[str, dict[str, Any]] = {}
@@ -373,7 +373,46 @@ class HyperModel(nn.Module):
         exclude = {id(p) for p in self.response_parameters()} | {id(p) for p in self.hyper_parameters()}
         return [p for p in self.parameters() if id(p) not in exclude]
 
+    # ---- loading weights ----------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Also takes the *plain* model's state dict (a pretrained checkpoint, keys without
+        ``module.``): it loads into w₀, and Θ and λ keep their values. ``strict`` then means every
+        w₀ key, and no other, is there; the keys reported are the plain model's."""
+        keys = list(state_dict)
+        if not keys or any(k.startswith(("module.", "hparams.")) for k in keys):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        inner = self.module.state_dict(keep_vars=True)
+        theta = {id(p) for p in self.response_parameters()}
+        response_keys = {k for k, v in inner.items() if id(v) in theta}
+        if response_keys & set(keys):  # the inner module's own state dict, Θ included
+            return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+        own = set(inner) - response_keys
+        if not own & set(keys):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)  # torch names the keys
+        missing = sorted(own - set(keys))
+        unexpected = sorted(set(keys) - own)
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"Error(s) in loading a plain state_dict into {type(self.module).__name__}'s w₀ (Θ and λ are not "
+                f"in a plain state dict and keep their values): missing key(s): {missing}; unexpected key(s): "
+                f"{unexpected}. Nothing was loaded; pass strict=False to load the keys that match"
+            )
+        self.module.load_state_dict({k: state_dict[k] for k in keys if k in own}, strict=False, assign=assign)
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
     # ---- evaluation points -------------------------------------------------------------------
+    @property
+    def centered(self) -> bool:
+        """Whether w₀ is the model at λ (Δ-STN, centered STN) or not (STN, set by the optimizer)."""
+        return self.__dict__.get("_centered", self.__dict__.get("centered", True))
+
+    @centered.setter
+    def centered(self, value: bool) -> None:
+        self.__dict__["_centered"] = bool(value)
+        for m in self.module.modules():  # the layers then refuse a forward outside this model's
+            if isinstance(m, HyperLayer):
+                m.__dict__["_uncentered"] = not value
+
     def current_point(self, rows: int = 1) -> Perturbation:
         """The unperturbed point λ₀ (w₀'s own output in the centered modes)."""
         lam = self.hparams.unconstrained.detach().unsqueeze(0)

@@ -444,7 +444,7 @@ def test_float16_val_step_keeps_lambda_and_sigma_finite():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3)).half()
     model = ht.HyperModel.wrap(net, {"drop": ht.DropoutRate(init=0.2), "wd": ht.WeightDecay(init=1e-3)})
-    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.0), tune_scales=True)
+    opt = ht.DeltaSTNOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), tune_scales=True)
     x, y = torch.randn(32, 6).half(), torch.randint(0, 3, (32,))
     scale0 = model.hparams.raw_scale.detach().clone()
     for _ in range(3):

@@ -3,7 +3,7 @@
 Importing this package registers the built-in kinds (see :mod:`.registry`).
 """
 
-from .base import HyperLayer, row_view, swap_class
+from .base import HyperLayer, HyperProjection, row_view, swap_class
 from .conv import HyperConv1d, HyperConv2d, HyperConv3d
 from .dropout import HyperDropout, dropout_per_example
 from .embedding import HyperEmbedding
@@ -15,6 +15,7 @@ from .transformers_conv1d import HyperConv1D
 
 __all__ = [
     "HyperLayer",
+    "HyperProjection",
     "HyperLinear",
     "HyperConv1d",
     "HyperConv2d",

@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .. import context
+from ..errors import PerturbationError
 from ..rows import layout
 from ..linearize import make_dual
 
@@ -74,6 +76,35 @@ def swap_class(module: nn.Module, cls: type[M]) -> M:
 REPARAMETRIZATIONS = {"_WeightNorm"}
 
 
+class HyperProjection(nn.Module):
+    """P: the hyperparameters' map to a layer's row scales, ``s = P δλ`` (no bias, zero at wrap).
+
+    Not an ``nn.Linear``: an init function applied to the whole model (``model.apply(init)``,
+    Hugging Face's ``_init_weights``, timm's) picks layers by ``isinstance(m, nn.Linear)``, and
+    must not re-initialise Θ's projection, or zero a bias it does not have.
+    """
+
+    def __init__(self, in_features: int, out_features: int, **factory: Any) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        weight = torch.empty(out_features, in_features, **factory)
+        # the random draw nn.Linear's init made (P was an nn.Linear before): seeded runs stay as they were
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self.weight = nn.Parameter(weight.zero_())
+
+    def reset_parameters(self) -> None:
+        """Back to zero, as wrap made it (the response then starts from w₀)."""
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def forward(self, delta: Tensor) -> Tensor:
+        return F.linear(delta, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 class HyperLayer(nn.Module):
     """Mixin turning a Linear/Conv/Embedding into a centered hyper-layer.
 
@@ -90,7 +121,7 @@ class HyperLayer(nn.Module):
     bias: nn.Parameter | None
     response_weight: nn.Parameter
     response_bias: nn.Parameter | None
-    hyper_projection: nn.Linear
+    hyper_projection: HyperProjection
     hyper_path: str
     # Weight regularizers this kind can run, each naming its hyperparameter (None: off). Surgery
     # sets them through :meth:`attach_regularizer`.
@@ -182,7 +213,7 @@ class HyperLayer(nn.Module):
         for name in ("response_weight", "response_bias"):
             plain._parameters.pop(name, None)
         plain._modules.pop("hyper_projection", None)
-        for attr in ("hyper_path", "_modulated_dim", *self.regularizer_roles):
+        for attr in ("hyper_path", "_modulated_dim", "_uncentered", *self.regularizer_roles):
             plain.__dict__.pop(attr, None)
         return plain
 
@@ -212,8 +243,7 @@ class HyperLayer(nn.Module):
         else:
             self.register_parameter("response_bias", None)
         n_out = self.modulated_size + (bias.numel() if bias is not None else 0)
-        self.hyper_projection = nn.Linear(num_hyper, n_out, bias=False, **factory)
-        nn.init.zeros_(self.hyper_projection.weight)
+        self.hyper_projection = HyperProjection(num_hyper, n_out, **factory)
 
     @torch.no_grad()
     def reset_response_parameters(self) -> None:
@@ -277,8 +307,24 @@ class HyperLayer(nn.Module):
             w, wr = w * mask, wr * mask
         return w, b, wr, br
 
+    def refuse_outside_forward(self) -> None:
+        """In STN mode (uncentered) a layer's weights are w₀ + Θ(λ): run outside a HyperModel
+        forward (``model.module(x)``, ``model.module.generate(...)``), w₀ alone would be a model
+        nobody trained, so it refuses instead. (During backward it is activation checkpointing
+        recomputing a region, which the step turns into its own error.)"""
+        if self.__dict__.get("_uncentered", False) and torch._C._current_graph_task_id() == -1:
+            raise PerturbationError(
+                f"hyper-layer '{self.hyper_path}' ran outside a HyperModel forward while the model is in STN "
+                "mode, where its weights are w₀ + Θ(λ) and w₀ alone is not the trained model; "
+                "call the wrapped model rather than its inner module, or use the plain module unwrap() returns, which folds Θ at the current λ into the "
+                "weights (copy.deepcopy(model).unwrap() keeps the HyperModel), for generate(), export "
+                "or another library's evaluation"
+            )
+
     def forward(self, x: Tensor) -> Tensor:
         p = context.current()
+        if p is None:
+            self.refuse_outside_forward()
         w, b, wr, br = self._weights(p)
         if p is not None and p.linearize and p.response_input is not None:
             out = self.base_forward(fwAD.unpack_dual(x).primal, w, b)

@@ -59,7 +59,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .. import context
 from ..linearize import make_dual
 from ..errors import HyperTuneError, PerturbationError
-from .base import HyperLayer, swap_class
+from .base import HyperLayer, HyperProjection, swap_class
 from .registry import register_layer_kind
 
 __all__ = ["HyperLSTM"]
@@ -404,7 +404,7 @@ class HyperLSTM(HyperLayer, nn.LSTM):
         for name in self._response_names():
             plain._parameters.pop(name, None)
         plain._modules.pop("hyper_projection", None)
-        for attr in ("hyper_path", *self.regularizer_roles):
+        for attr in ("hyper_path", "_uncentered", *self.regularizer_roles):
             plain.__dict__.pop(attr, None)
         plain._init_flat_weights()
         return plain
@@ -451,8 +451,7 @@ class HyperLSTM(HyperLayer, nn.LSTM):
                 # nn.LSTM's own initialization
                 setattr(self, f"response_{kind}{sfx}", nn.Parameter(torch.empty_like(w).uniform_(-stdv, stdv)))
         n_out = self.modulated_size * self.num_layers * self.num_directions
-        self.hyper_projection = nn.Linear(num_hyper, n_out, bias=False, device=ref.device, dtype=ref.dtype)
-        nn.init.zeros_(self.hyper_projection.weight)
+        self.hyper_projection = HyperProjection(num_hyper, n_out, device=ref.device, dtype=ref.dtype)
 
     def response_parameters(self) -> list[nn.Parameter]:
         return [getattr(self, n) for n in self._response_names()] + [self.hyper_projection.weight]
@@ -520,6 +519,8 @@ class HyperLSTM(HyperLayer, nn.LSTM):
 
     def forward(self, input: Any, hx: Any = None) -> Any:  # type: ignore[override]
         p = context.current()
+        if p is None:
+            self.refuse_outside_forward()
         modulated = p is not None and p.response_input is not None
         regularized = self.training and self._has_regularizers()
         if regularized and p is None:

@@ -218,6 +218,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         self._lr_reference = (reference_lr(optimizer.param_groups[0]), [float(g["lr"]) for g in response_optimizer.param_groups])
         self._buffers = BufferTracker(hm)
         self._layer_weights = layer_weights(hm)  # re-checked each step: a layer frozen later
+        self._tuning_params = [hm.hparams.unconstrained, *response]  # λ and Θ: re-checked too
         # Step kinds that have committed once, with the placement they did it at (see
         # transaction.py: a first step, or the first after model.to(...), is fully snapshotted).
         self._proven: dict[str, tuple[Any, ...]] = {}
@@ -346,14 +347,16 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
     def val_step(self, inputs: Any, target: Any, loss_fn: LossFn) -> StepResult:
         """One λ (and σ) step on a validation batch, regularizers off (eval mode).
 
-        During warm-up it only reports the loss.
+        During warm-up, and while every learning rate of the weights' optimizer is 0 (the end of
+        a schedule: neither w₀ nor Θ can follow λ any more, so a λ step would only drift the
+        values reported), it only reports the loss.
         """
         self._check_can_step("val_step")
         hm = self.hyper_model
         batch = self._batch(inputs, target)
         with hm.exclusive(), model_mode(self.model, False), self._placement_followed():
             self.zero_grad()
-            if self.train_steps < self.warmup_steps:
+            if self.train_steps < self.warmup_steps or self._weights_frozen_by_lr():
                 with torch.no_grad(), self._ctx.autocast_region():
                     out = self._ctx.local_model(*batch.args, **batch.kwargs)
                     loss = scalar_loss(loss_fn(out, batch.target))
@@ -365,6 +368,12 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             if taken:
                 self.val_steps += 1
             return self._record("val", losses, taken)
+
+    def _weights_frozen_by_lr(self) -> bool:
+        """Whether the weights' optimizer has a learning rate of exactly 0 in every group (a
+        tensor rate counts as non-zero: reading it would sync a device)."""
+        rates = [g.get("lr") for g in self.optimizer.param_groups]
+        return bool(rates) and all(isinstance(r, (int, float)) and r == 0 for r in rates)
 
     def _batch(self, inputs: Any, target: Any) -> Batch:
         try:
@@ -392,6 +401,13 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
         frozen = frozen_layers(self._layer_weights)
         if frozen:
             raise HyperTuneError(f"{frozen_error(frozen)}; {UNCHANGED}")
+        if not all(p.requires_grad for p in self._tuning_params):
+            raise HyperTuneError(
+                "λ or Θ (the HyperModel's own parameters) were frozen (requires_grad=False), e.g. by "
+                "model.requires_grad_(False): their steps would move nothing. Unfreeze them with "
+                "model.hparams.requires_grad_(True) and, for Θ, "
+                "[p.requires_grad_(True) for p in model.response_parameters()]; " + UNCHANGED
+            )
         checkpointed = self.hyper_model.checkpointed_modules() if what == "train_step" else []
         if checkpointed:
             raise HyperTuneError(

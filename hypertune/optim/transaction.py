@@ -309,12 +309,22 @@ class StepTransaction:
             with autocast_disabled():
                 if inputs:
                     (objective if self._scaler is None else self._scaler.scale(objective)).backward(inputs=inputs)
-        except _CheckpointError as err:  # a checkpointed region recomputed without Θ / tangents
-            raise HyperTuneError(
-                f"the {what}'s backward recomputed a region under activation (gradient) checkpointing "
-                "outside the HyperModel's forward, where hyper-layers have no Θ or tangents, so torch found "
-                f"another graph than the forward's (its CheckpointError is chained below): {CHECKPOINTING_FIX}"
-            ) from err
+        except RuntimeError as err:
+            reentrant = "use_reentrant=True" in str(err)  # torch's reentrant checkpoint refuses inputs=
+            if not (reentrant or isinstance(err, _CheckpointError)):  # (a CheckpointError is one too)
+                raise
+            if reentrant:
+                what_happened = (
+                    f"the {what} met activation (gradient) checkpointing with use_reentrant=True, which cannot "
+                    "give gradients to one part's parameters only, as hypertune's passes need"
+                )
+            else:
+                what_happened = (
+                    f"the {what}'s backward recomputed a region under activation (gradient) checkpointing "
+                    "outside the HyperModel's forward, where hyper-layers have no Θ or tangents, so torch "
+                    "found another graph than the forward's"
+                )
+            raise HyperTuneError(f"{what_happened} (torch's error is chained below): {CHECKPOINTING_FIX}") from err
         part = Part(what, data_loss.detach(), objective.detach(), list(params), list(optimizers), snapshot)
         part.loss_ok = torch.isfinite(part.objective)
         self.parts.append(part)

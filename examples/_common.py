@@ -114,7 +114,8 @@ def base_parser(
     p.add_argument("--untuned", action="store_true",
                    help="train the same model with the same loop, hyperparameters fixed at their starting values")
     p.add_argument("--smoke", action="store_true",
-                   help="a few batches of real data (seconds): checks that everything runs")
+                   help="a few batches (seconds): checks that everything runs (real data where it is "
+                        "found; an example whose data set is missing says so and uses random tensors)")
     p.add_argument("--lr", type=float, default=lr, help="learning rate of the weights (w₀; Θ too in stn mode)")
     p.add_argument("--response-optimizer", choices=["adam", "clone"], default=None,
                    help="Θ's optimizer: adam (the centered modes' default) or clone (a copy of the "

@@ -184,7 +184,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N blocks only")
     p.add_argument("--monitor-blocks", type=int, default=64,
                    help="validation blocks the Trainer evaluates after each epoch (the final numbers use all)")
-    return p.parse_args(argv)
+    for action in p._actions:
+        if action.dest == "out":
+            action.help = ("folder for hypertune_schedule.csv/.png, log_history.json, metrics.json and the "
+                           "Trainer's output (trainer/)")
+    args = p.parse_args(argv)
+    # The Trainer takes one λ step per --train-steps optimizer steps on the --tune-tokens held out
+    # of the training set: the shared parser's T_valid and validation split do not apply here.
+    if args.val_steps != 1:
+        p.error("--val-steps does not apply: DeltaSTNTrainer takes one λ step every --train-steps steps")
+    if args.val_fraction != p.get_default("val_fraction"):
+        p.error("--val-fraction does not apply: the λ steps use the --tune-tokens training tokens after --train-subset")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -196,7 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.train_steps, args.warmup_epochs, args.lr_warmup_steps = 2, 0, 2
     device = _common.setup(args)
     hf_logging.set_verbosity_error()
-    corpus = Corpus(args.data_root, download=False)
+    try:
+        corpus = Corpus(args.data_root)  # fetched into --data-root/ptb if missing and online
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
     train_tokens = corpus.train[: args.train_subset]
     tune_tokens = corpus.train[args.train_subset : args.train_subset + args.tune_tokens]
     if len(tune_tokens) < args.block_size:
@@ -233,7 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model=hm, args=training_args, train_dataset=train_set, eval_dataset=monitor,
             tune_dataset=tune_set, tune_every=args.train_steps, tune_warmup_steps=args.warmup_epochs * steps_per_epoch,
             stn_options={"mode": args.mode, "hyper_lr": args.hyper_lr, "entropy_weight": args.entropy_weight,
-                         "response_lr": args.response_lr},
+                         "response_lr": args.response_lr, "response_optimizer": args.response_optimizer,
+                         "tune_scales": args.tune_scales,
+                         **({} if args.response_every is None else {"response_every": args.response_every})},
             write_schedule=False,
         )
     with warnings.catch_warnings():

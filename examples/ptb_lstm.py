@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
         print("nn.LSTM is not a hyper-layer in this hypertune, and its fused kernels have no forward-mode "
               "AD: running --mode centered instead of delta (and without DropConnect)")
         args.mode = "centered"
-    corpus = Corpus(args.data_root)
+    try:
+        corpus = Corpus(args.data_root)  # fetched into --data-root/ptb if missing and online
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
     tokens = corpus.train[: args.train_subset] if args.train_subset else corpus.train  # --train-subset: tokens
     train_data = batchify(tokens, args.batch_size, device)
     hyper_val = batchify(corpus.valid, args.batch_size, device)

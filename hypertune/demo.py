@@ -1,4 +1,4 @@
-"""The README's first command: tune dropout and weight decay on real data in about a minute.
+"""The README's first command: tune dropout and weight decay on real data in well under a minute.
 
 Trains the same MLP twice on scikit-learn's bundled handwritten digits (real scans, shipped with
 scikit-learn, no download): once with the starting hyperparameters held fixed, once with

@@ -6,6 +6,7 @@ A tiny GPT-2 (random init, from a config) learns counting sequences: token t+1 =
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import sys
@@ -477,3 +478,22 @@ def test_a_missing_extra_is_named(monkeypatch, module, missing, extra):
     monkeypatch.setitem(sys.modules, missing, None)  # what an uninstalled package looks like to import
     with pytest.raises(ImportError, match=extra.replace("[", r"\[").replace("]", r"\]")):
         importlib.import_module(module)
+
+
+@pytest.mark.skipif(not (DATA / "ptb").exists(), reason=f"{DATA / 'ptb'} is missing")
+def test_ptb_gpt2_passes_its_tuning_flags_and_refuses_those_that_do_not_apply(tmp_path, capsys):
+    """--tune-scales, --response-every and --response-optimizer were parsed and silently ignored."""
+    spec = importlib.util.spec_from_file_location("example_ptb_gpt2", ROOT / "examples" / "ptb_gpt2.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for flag in (["--val-steps", "2"], ["--val-fraction", "0.3"]):
+        with pytest.raises(SystemExit):
+            example.parse(flag)
+        assert "does not apply" in capsys.readouterr().err
+    common = ["--smoke", "--data-root", str(DATA), "--device", "cpu", "--no-progress", "--out", str(tmp_path)]
+    example.main([*common, "--tune-scales", "--response-every", "1"])
+    rows = list(csv.DictReader(open(tmp_path / "hypertune_schedule.csv")))
+    sigma = [c for c in rows[0] if c.startswith("sigma/")][0]
+    assert len({r[sigma] for r in rows}) > 1  # σ was tuned
+    train = [r for r in rows if r["kind"] == "train"]
+    assert all(r["response_loss"] not in ("", "None") for r in train)  # a Θ step on every train step

@@ -189,7 +189,8 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             if unfoldable:
                 notice(
                     "hypertune: mode='stn' folds Θ into the weights when the run ends (unwrap), and "
-                    f"{listing(list(unfoldable))} cannot take that (the first: {next(iter(unfoldable.values()))}). "
+                    f"hyper-layer(s) {listing([repr(k) for k in unfoldable])} cannot take that (the first: "
+                    f"{next(iter(unfoldable.values()))}). "
                     "The run trains, but unwrap() will refuse; the centered modes ('delta', the default, "
                     "or 'centered') need no fold"
                 )
@@ -400,6 +401,7 @@ class DeltaSTNOptimizer(torch.optim.Optimizer):
             raise HyperTuneError(BYPASSING_DDP)
         frozen = frozen_layers(self._layer_weights)
         if frozen:
+            self.hyper_model.hyper_layers()  # layers replaced after wrapping (peft adapters): that error first
             raise HyperTuneError(f"{frozen_error(frozen)}; {UNCHANGED}")
         if not all(p.requires_grad for p in self._tuning_params):
             raise HyperTuneError(

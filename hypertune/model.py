@@ -137,6 +137,7 @@ def first_examples(tree: Any, rows: int, n: int, lists: bool, primal: bool = Fal
 
 
 _SEQUENCE_FIRST_KINDS = (
+    nn.RNNBase,  # nn.LSTM, nn.GRU, nn.RNN
     nn.MultiheadAttention,
     nn.Transformer,
     nn.TransformerEncoderLayer,
@@ -145,7 +146,7 @@ _SEQUENCE_FIRST_KINDS = (
 
 
 def _sequence_first_site(module: nn.Module) -> str | None:
-    """The first torch attention module built with batch_first=False, described for a notice.
+    """The first torch attention or recurrent module built with batch_first=False, described for a notice.
 
     Around it the batch is axis 1 of (T, B, E) tensors, while the model's input, whose leading
     axis sets the perturbation rows, may be (T, B, ...) too: rows would then be time steps.

@@ -226,3 +226,50 @@ def test_the_readme_clipping_hook_clips_what_each_optimizer_steps(mode):
     x, y = _batch()
     opt.train_step(x * 100, y, lambda out, t: 1000 * F.cross_entropy(out, t))
     assert len(seen) == (2 if mode == "stn" else 1) and max(seen) <= 0.1 + 1e-6
+
+
+# ---- what loss_fn and the model's layout may do ----------------------------------------------------
+@pytest.mark.parametrize("retain", [True, False])
+def test_a_loss_fn_that_runs_its_own_backward_is_refused(retain):
+    """With retain_graph=True the step's backward added to the user's: w₀'s SGD step was doubled."""
+    hm = _wrap(_net())
+    opt = ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.1))
+    before = {k: v.clone() for k, v in hm.state_dict().items()}
+
+    def loss_fn(out, y):
+        loss = F.cross_entropy(out, y)
+        loss.backward(retain_graph=retain)
+        return loss
+
+    with pytest.raises(ht.HyperTuneError, match=r"without calling \.backward\(\)"):
+        opt.train_step(*_batch(), loss_fn)
+    assert all(torch.equal(v, before[k]) for k, v in hm.state_dict().items())
+    assert all(p.grad is None for p in hm.parameters())
+
+
+def test_a_non_floating_loss_is_refused_for_what_it_is():
+    hm = _wrap(_net())
+    opt = ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.1))
+    with pytest.raises(ht.HyperTuneError, match="floating-point loss, got a torch.int64"):
+        opt.train_step(*_batch(), lambda out, y: (out.argmax(1) != y).sum())
+
+
+def test_a_sequence_first_lstm_is_perturbed_per_batch_even_when_time_equals_batch():
+    """(T, B, E) with T == B: the rows were taken from axis 0, so example i's rate went to time
+    step i of every example, silently (shapes cannot tell the two axes apart)."""
+
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(5, 8)  # batch_first=False
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    hm = ht.HyperModel.wrap(Seq(), {"drop": ht.DropoutRate(init=0.1)})
+    opt = ht.DeltaSTNOptimizer(hm, torch.optim.SGD(hm.parameters(), lr=0.05), response_every=1)
+    with pytest.warns(UserWarning, match="batch_first=False"):
+        opt.train_step(torch.randn(4, 4, 5), None, lambda out, _: out.pow(2).mean())
+    assert "batch_first=False" in hm.perturbed_per_batch

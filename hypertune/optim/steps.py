@@ -242,6 +242,11 @@ def scalar_loss(loss: Any) -> Tensor:
             "loss_fn must return a scalar tensor (use reduction='mean'), got "
             f"{type(loss).__name__}{tuple(loss.shape) if torch.is_tensor(loss) else ''}"
         )
+    if not loss.is_floating_point():
+        raise HyperTuneError(
+            f"loss_fn must return a floating-point loss, got a {loss.dtype} tensor (a count or a "
+            "comparison has no gradient): compute the loss from the output with differentiable operations"
+        )
     return loss
 
 

@@ -305,11 +305,24 @@ class StepTransaction:
         nowhere else: an input that requires grad, or a target still carrying a graph (a teacher's
         logits), gets no gradient from hypertune's passes, and its graph is not walked (or freed)."""
         inputs = [p for p in params if p.requires_grad]
+        if any(p.grad is not None for p in inputs):  # every step starts with none
+            raise HyperTuneError(
+                f"the {what}'s parameters had gradients before its backward: loss_fn (or a hook) ran a "
+                "backward pass itself, and the step's own would add to it. Return the loss from loss_fn "
+                "without calling .backward(): the step runs the backward"
+            )
         try:
             with autocast_disabled():
                 if inputs:
                     (objective if self._scaler is None else self._scaler.scale(objective)).backward(inputs=inputs)
         except RuntimeError as err:
+            if "backward through the graph a second time" in str(err):
+                raise HyperTuneError(
+                    f"the {what}'s backward found part of the graph already freed by an earlier backward: "
+                    "either loss_fn calls .backward() itself (return the loss instead: the step runs the "
+                    "backward), or the model keeps a tensor from an earlier step in its graph (detach a "
+                    "recurrent hidden state or a cache between steps) (torch's error is chained below)"
+                ) from err
             reentrant = "use_reentrant=True" in str(err)  # torch's reentrant checkpoint refuses inputs=
             if not (reentrant or isinstance(err, _CheckpointError)):  # (a CheckpointError is one too)
                 raise

@@ -35,7 +35,8 @@ from ..optim.transaction import BAD_WRITE, WriteSnapshot, writes_finite
 
 
 class AccumulatingOptimizer(torch.optim.Optimizer):
-    """Stands in for ``optimizer``: ``step`` adds the gradients to a sum, ``flush`` steps on the mean.
+    """Stands in for ``optimizer``: ``step`` adds the gradients to a sum, ``step_on_mean`` steps
+    the real optimizer on their mean (:meth:`GradientAccumulation.flush` calls it).
 
     It shares ``optimizer``'s param groups, state and defaults (LR schedulers, GradScaler and
     DeltaSTNOptimizer's learning-rate following act on the real optimizer through it), and its
@@ -82,15 +83,6 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
     def summed(self) -> list[torch.nn.Parameter]:
         """The parameters the next flush updates."""
         return [p for p, _ in self._sums.values()]
-
-    def flush(self) -> bool:
-        """Step the real optimizer once on the mean gradient; False if nothing was added."""
-        if not self.contributions:
-            self.discard()
-            return False
-        self.step_on_mean()
-        self.discard()
-        return True
 
     @torch.no_grad()
     def step_on_mean(self) -> None:

@@ -316,9 +316,9 @@ class HyperLayer(nn.Module):
             raise PerturbationError(
                 f"hyper-layer '{self.hyper_path}' ran outside a HyperModel forward while the model is in STN "
                 "mode, where its weights are w₀ + Θ(λ) and w₀ alone is not the trained model; "
-                "call the wrapped model rather than its inner module, or use the plain module unwrap() returns, which folds Θ at the current λ into the "
-                "weights (copy.deepcopy(model).unwrap() keeps the HyperModel), for generate(), export "
-                "or another library's evaluation"
+                f"{context.outside_forward_fix()}, or use the plain module unwrap() returns, which folds Θ at "
+                "the current λ into the weights (copy.deepcopy(model).unwrap() keeps the HyperModel), for "
+                "generate(), export or another library's evaluation"
             )
 
     def forward(self, x: Tensor) -> Tensor:
